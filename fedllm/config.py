@@ -1,0 +1,382 @@
+"""The run configuration: one validated, typed object built from Flower's flat run config.
+
+Flower hands an app a flat mapping of dotted keys (``privacy.noise-multiplier = 0.8``). This
+module turns it into nested dataclasses (``cfg.privacy.noise_multiplier``), refusing unknown
+keys, wrong types and out-of-range values with one sentence that quotes the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedllm.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "FedllmConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "config_hash",
+    "parse_config",
+]
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATA = "chatterbot"
+
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+PARTITIONERS = ("by-category", "iid", "dirichlet")
+PRIVACY_MODES = ("record", "none")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _help(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": text, "choices": choices}
+
+
+@dataclass
+class RunConfig:
+    """What the run is called, where it lives and how long it lasts."""
+
+    name: str = field(
+        default="", metadata=_help("run directory under output-dir; empty: a new timestamped run")
+    )
+    output_dir: str = field(default="outputs", metadata=_help("parent of run directories"))
+    rounds: int = field(default=3, metadata=_help("number of federated rounds"))
+    seed: int = field(default=0, metadata=_help("seed shared by all sites (LoRA init, splits)"))
+    min_sites: int = field(default=2, metadata=_help("fewest sites that must train in a round"))
+    timeout: float = field(default=3600.0, metadata=_help("seconds to wait for replies a round"))
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        _require(self.min_sites >= 1, "run.min-sites", self.min_sites, "must be at least 1")
+        _require(self.timeout > 0, "run.timeout", self.timeout, "must be positive")
+        _require(
+            "/" not in self.name and self.name not in (".", ".."),
+            "run.name",
+            self.name,
+            "must be a plain directory name",
+        )
+
+
+@dataclass
+class ModelConfig:
+    """The base causal LM every site loads locally (it never travels)."""
+
+    name: str = field(
+        default=EMBEDDED_MODEL,
+        metadata=_help("hub id, local directory, or the embedded default"),
+    )
+    gguf_file: str = field(default="", metadata=_help("GGUF file inside `name`, if any"))
+    dtype: str = field(default="auto", metadata=_help("auto: bf16 on CUDA, fp32 on CPU", DTYPES))
+    quantization: str = field(
+        default="none", metadata=_help("4bit/8bit base weights (QLoRA, CUDA only)", QUANTIZATIONS)
+    )
+    trust_remote_code: bool = field(default=False, metadata=_help("allow hub model code"))
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter: the only tensors that leave a site."""
+
+    rank: int = field(default=8, metadata=_help("LoRA rank r"))
+    alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha"))
+    dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input"))
+    target_modules: str = field(
+        default="q_proj,v_proj", metadata=_help("comma-separated module names to adapt")
+    )
+    ffa: bool = field(
+        default=True,
+        metadata=_help("FFA-LoRA: A frozen from the shared seed, only B trained and sent"),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", self.rank, "must be at least 1")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "must be positive")
+        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _require(
+            bool(self.modules), "lora.target-modules", self.target_modules, "names no module"
+        )
+
+    @property
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class DataConfig:
+    """Where each site's private examples come from and how they are split."""
+
+    source: str = field(
+        default=EMBEDDED_DATA,
+        metadata=_help("chatterbot, a local .jsonl/.csv file or dir, or a hub dataset id"),
+    )
+    partitioner: str = field(
+        default="by-category", metadata=_help("how examples are split into sites", PARTITIONERS)
+    )
+    dirichlet_alpha: float = field(default=0.5, metadata=_help("concentration for dirichlet"))
+    prompt_field: str = field(default="prompt", metadata=_help("column holding the prompt"))
+    response_field: str = field(default="response", metadata=_help("column holding the answer"))
+    category_field: str = field(default="category", metadata=_help("column holding the topic"))
+    eval_fraction: float = field(default=0.1, metadata=_help("held-out share of each site"))
+    max_length: int = field(default=128, metadata=_help("token limit per example"))
+
+    def __post_init__(self) -> None:
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "> 0")
+        _require(
+            0 < self.eval_fraction < 1, "data.eval-fraction", self.eval_fraction, "in (0, 1)"
+        )
+        _require(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
+
+
+@dataclass
+class TrainConfig:
+    """The local optimisation each site runs per round."""
+
+    local_steps: int = field(default=2, metadata=_help("optimizer steps per round per site"))
+    batch_size: int = field(
+        default=32, metadata=_help("expected logical batch (Poisson rate = batch / examples)")
+    )
+    physical_batch_size: int = field(default=8, metadata=_help("micro-batch held in memory"))
+    learning_rate: float = field(default=3e-3, metadata=_help("local learning rate"))
+    optimizer: str = field(default="adamw", metadata=_help("local optimizer", OPTIMIZERS))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    device: str = field(default="auto", metadata=_help("auto: CUDA when present", DEVICES))
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
+        _require(
+            self.physical_batch_size >= 1,
+            "train.physical-batch-size",
+            self.physical_batch_size,
+            "must be >= 1",
+        )
+        _require(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "> 0")
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, ">= 0")
+
+
+@dataclass
+class PrivacyConfig:
+    """Record-level DP-SGD (Opacus) at every site."""
+
+    mode: str = field(
+        default="record",
+        metadata=_help("record: DP-SGD on every site; none: no formal guarantee", PRIVACY_MODES),
+    )
+    noise_multiplier: float = field(
+        default=0.6, metadata=_help("sigma; ignored when target-epsilon is set")
+    )
+    target_epsilon: float = field(
+        default=0.0,
+        metadata=_help("if > 0, sigma is calibrated so the whole run spends this epsilon"),
+    )
+    max_grad_norm: float = field(default=1.0, metadata=_help("per-example clipping norm"))
+    delta: float = field(
+        default=0.0, metadata=_help("0: 0.1 / (training examples at the site), below 1/n")
+    )
+    accountant: str = field(default="rdp", metadata=_help("Opacus accountant", ACCOUNTANTS))
+    grad_sample_mode: str = field(
+        default="hooks", metadata=_help("Opacus per-sample gradients", GRAD_SAMPLE_MODES)
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode == "none":
+            return
+        _require(
+            self.noise_multiplier >= 0,
+            "privacy.noise-multiplier",
+            self.noise_multiplier,
+            "must be >= 0",
+        )
+        _require(
+            self.target_epsilon >= 0,
+            "privacy.target-epsilon",
+            self.target_epsilon,
+            "must be >= 0 (0 = use noise-multiplier)",
+        )
+        _require(
+            self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm, "must be > 0"
+        )
+        _require(0 <= self.delta < 1, "privacy.delta", self.delta, "must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "record"
+
+
+@dataclass
+class StrategyConfig:
+    """How the server combines adapter updates (Flower's strategies)."""
+
+    name: str = field(default="fedavg", metadata=_help("aggregation strategy", STRATEGIES))
+    fraction_train: float = field(default=1.0, metadata=_help("share of sites asked to train"))
+    server_learning_rate: float = field(default=0.1, metadata=_help("eta for FedAdam/Yogi/..."))
+    server_momentum: float = field(default=0.9, metadata=_help("momentum for FedAvgM"))
+    proximal_mu: float = field(default=0.01, metadata=_help("FedProx proximal term weight"))
+    tau: float = field(default=1e-3, metadata=_help("adaptivity for FedAdam/Yogi/Adagrad"))
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.fraction_train <= 1,
+            "strategy.fraction-train",
+            self.fraction_train,
+            "must be in (0, 1]",
+        )
+        _require(
+            self.server_learning_rate > 0,
+            "strategy.server-learning-rate",
+            self.server_learning_rate,
+            "must be > 0",
+        )
+        _require(self.proximal_mu >= 0, "strategy.proximal-mu", self.proximal_mu, ">= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Federated evaluation of the global adapter on each site's held-out split."""
+
+    max_examples: int = field(default=24, metadata=_help("held-out examples per site"))
+    batch_size: int = field(default=8, metadata=_help("evaluation batch size"))
+
+    def __post_init__(self) -> None:
+        _require(self.max_examples >= 1, "eval.max-examples", self.max_examples, ">= 1")
+        _require(self.batch_size >= 1, "eval.batch-size", self.batch_size, ">= 1")
+
+
+@dataclass
+class FedllmConfig:
+    """Every setting of a run; `parse_config` is the only way in from flat keys."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat dotted form Flower uses (`privacy.noise-multiplier`)."""
+        return {
+            f"{section}.{name.replace('_', '-')}": value
+            for section, values in self.to_dict().items()
+            for name, value in values.items()
+        }
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {why}.")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(FedllmConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(FedllmConfig)}
+
+
+def known_keys() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
+    """Every accepted flat key, with its type and field (for help texts and checks)."""
+    keys: dict[str, tuple[type, dataclasses.Field[Any]]] = {}
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys[f"{section}.{f.name.replace('_', '-')}"] = (hints[f.name], f)
+    return keys
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Check a value against the field type; ints are accepted where floats are expected."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"config key '{key}' = {value!r} has the wrong type: expected {typ.__name__}, "
+        f"got {type(value).__name__}."
+    )
+
+
+def parse_config(flat: Mapping[str, Any]) -> FedllmConfig:
+    """Build a validated `FedllmConfig` from Flower's flat run config.
+
+    Parameters
+    ----------
+    flat : Mapping[str, Any]
+        Dotted keys (``lora.rank``) to scalar values, as in ``context.run_config``.
+
+    Returns
+    -------
+    FedllmConfig
+        Defaults overridden by `flat`.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key (with the closest known key), a wrong type, a value out of range,
+        or a value outside its listed choices.
+    """
+    keys = known_keys()
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
+    for key, value in flat.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see `fedllm config keys`."
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        typ, f = keys[key]
+        coerced = _coerce(key, value, typ)
+        choices = f.metadata.get("choices")
+        if choices and coerced not in choices:
+            raise ConfigError(
+                f"config key '{key}' = {coerced!r} is not one of: {', '.join(choices)}."
+            )
+        section = key.split(".", 1)[0]
+        per_section[section][f.name] = coerced
+    built = {name: cls(**per_section[name]) for name, cls in _sections().items()}
+    cfg = FedllmConfig(**built)
+    _check_cross_section(cfg)
+    return cfg
+
+
+def _check_cross_section(cfg: FedllmConfig) -> None:
+    if cfg.model.quantization != "none" and cfg.train.device == "cpu":
+        raise ConfigError(
+            f"config key 'model.quantization' = {cfg.model.quantization!r} needs CUDA "
+            "(bitsandbytes); set it to 'none' or 'train.device' to 'auto'/'cuda'."
+        )
+    if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu == 0:
+        raise ConfigError("config key 'strategy.proximal-mu' = 0.0 makes FedProx plain FedAvg.")
+
+
+def config_hash(cfg: FedllmConfig) -> str:
+    """SHA-256 of the resolved config, so a report can prove which settings a run used."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,46 @@
+"""Named exceptions whose one-sentence messages are shown to users without a traceback."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "ConfigError",
+    "DataError",
+    "FedllmError",
+    "InvalidUpdateError",
+    "ModelError",
+    "ProtectionUnavailableError",
+    "RunDirError",
+]
+
+
+class FedllmError(Exception):
+    """Base class: its message is one sentence saying what is wrong and how to fix it."""
+
+
+class ConfigError(FedllmError):
+    """A configuration key is unknown, mistyped or has a value out of range."""
+
+
+class DataError(FedllmError):
+    """Input data is missing, empty or malformed."""
+
+
+class ModelError(FedllmError):
+    """A base model or adapter cannot be loaded or does not fit the configuration."""
+
+
+class InvalidUpdateError(FedllmError):
+    """An incoming update has wrong names, shapes, dtypes or non-finite values."""
+
+
+class ProtectionUnavailableError(FedllmError):
+    """A requested privacy or security protection cannot be applied (never silently skipped)."""
+
+
+class BudgetExceededError(FedllmError):
+    """Training another round would exceed a site's privacy budget."""
+
+
+class RunDirError(FedllmError):
+    """A run directory is missing, incomplete or belongs to a different configuration."""

