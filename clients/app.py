@@ -15,10 +15,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
-from fedllm.records import arrays_to_record, record_to_arrays
-from fedllm.site import PrivacyState, SiteData, load_site_data, run_evaluate, run_train, tokenizer_for
+from fedllm.records import arrays_to_record, record_to_arrays, route_fedllm_logs
+from fedllm.site import (
+    PrivacyState,
+    SiteData,
+    load_site_data,
+    run_evaluate,
+    run_train,
+    tokenizer_for,
+)
 
 log = logging.getLogger("fedllm.client")
+route_fedllm_logs()
 _STATE_KEY = "fedllm.privacy"
 
 
@@ -96,7 +104,12 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
             "sample-rate": out.sample_rate,
         }
     )
-    log.info("site %d: round trained, loss %.4f, epsilon %.4f", data.site, out.result.mean_loss, out.epsilon)
+    log.info(
+        "site %d: round trained, loss %.4f, epsilon %.4f",
+        data.site,
+        out.result.mean_loss,
+        out.epsilon,
+    )
     content = RecordDict({"arrays": arrays_to_record(out.arrays), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -110,9 +110,7 @@ class LoraConfig:
         _require(self.rank >= 1, "lora.rank", self.rank, "must be at least 1")
         _require(self.alpha > 0, "lora.alpha", self.alpha, "must be positive")
         _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
-        _require(
-            bool(self.modules), "lora.target-modules", self.target_modules, "names no module"
-        )
+        _require(bool(self.modules), "lora.target-modules", self.target_modules, "names no module")
 
     @property
     def modules(self) -> list[str]:
@@ -139,9 +137,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "> 0")
-        _require(
-            0 < self.eval_fraction < 1, "data.eval-fraction", self.eval_fraction, "in (0, 1)"
-        )
+        _require(0 < self.eval_fraction < 1, "data.eval-fraction", self.eval_fraction, "in (0, 1)")
         _require(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
 
 
@@ -181,7 +177,7 @@ class PrivacyConfig:
         metadata=_help("record: DP-SGD on every site; none: no formal guarantee", PRIVACY_MODES),
     )
     noise_multiplier: float = field(
-        default=0.6, metadata=_help("sigma; ignored when target-epsilon is set")
+        default=0.8, metadata=_help("sigma; ignored when target-epsilon is set")
     )
     target_epsilon: float = field(
         default=0.0,
@@ -191,7 +187,7 @@ class PrivacyConfig:
     delta: float = field(
         default=0.0, metadata=_help("0: 0.1 / (training examples at the site), below 1/n")
     )
-    accountant: str = field(default="rdp", metadata=_help("Opacus accountant", ACCOUNTANTS))
+    accountant: str = field(default="prv", metadata=_help("Opacus accountant", ACCOUNTANTS))
     grad_sample_mode: str = field(
         default="hooks", metadata=_help("Opacus per-sample gradients", GRAD_SAMPLE_MODES)
     )
@@ -211,9 +207,7 @@ class PrivacyConfig:
             self.target_epsilon,
             "must be >= 0 (0 = use noise-multiplier)",
         )
-        _require(
-            self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm, "must be > 0"
-        )
+        _require(self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm, "must be > 0")
         _require(0 <= self.delta < 1, "privacy.delta", self.delta, "must be in [0, 1)")
 
     @property
@@ -252,7 +246,7 @@ class StrategyConfig:
 class EvalConfig:
     """Federated evaluation of the global adapter on each site's held-out split."""
 
-    max_examples: int = field(default=24, metadata=_help("held-out examples per site"))
+    max_examples: int = field(default=16, metadata=_help("held-out examples per site"))
     batch_size: int = field(default=8, metadata=_help("evaluation batch size"))
 
     def __post_init__(self) -> None:

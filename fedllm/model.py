@@ -277,7 +277,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int) -> PeftMo
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Names and shapes of an adapter: `shapes` for all LoRA tensors, `sent` for those that travel."""
+    """Adapter names and shapes: `shapes` for all LoRA tensors, `sent` for those that travel."""
 
     shapes: dict[str, tuple[int, ...]]
     sent: tuple[str, ...]
@@ -396,4 +396,3 @@ def save_peft_adapter(
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
-

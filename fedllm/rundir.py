@@ -56,29 +56,43 @@ class RunDir:
     path: Path
     state: dict[str, Any]
 
-    @classmethod
-    def open(cls, cfg: FedllmConfig) -> RunDir:
-        """Create `output_dir/name`, or reopen it to resume if its config matches."""
+    @staticmethod
+    def path_for(cfg: FedllmConfig) -> Path:
+        """`output_dir/name`; an empty name becomes a new timestamped one."""
         if not cfg.run.name:
             cfg.run.name = time.strftime("run-%Y%m%d-%H%M%S")
-        path = Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+        return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+
+    @classmethod
+    def find(cls, cfg: FedllmConfig) -> RunDir | None:
+        """The existing run to resume, or None; a different config under the name is refused."""
+        path = cls.path_for(cfg)
         state_file = path / STATE_FILE
-        if state_file.is_file():
-            saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-            if saved.get("resume_key") != _resume_key(cfg):
-                raise RunDirError(
-                    f"run directory {path} was made with a different configuration; "
-                    "choose another 'run.name' to start a new run."
-                )
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-            return cls(path=path, state=state)
+        if not state_file.is_file():
+            return None
+        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        if saved.get("resume_key") != _resume_key(cfg):
+            raise RunDirError(
+                f"run directory {path} was made with a different configuration; "
+                "choose another 'run.name' to start a new run."
+            )
+        return cls(path=path, state=json.loads(state_file.read_text(encoding="utf-8")))
+
+    @classmethod
+    def create(cls, cfg: FedllmConfig, state: dict[str, Any]) -> RunDir:
+        """Write a new run directory: config first, then the state it starts from."""
+        path = cls.path_for(cfg)
         path.mkdir(parents=True, exist_ok=True)
         (path / CHECKPOINTS).mkdir(exist_ok=True)
         write_json_atomic(
             path / CONFIG_FILE,
-            {"config": cfg.to_dict(), "config_hash": config_hash(cfg), "resume_key": _resume_key(cfg)},
+            {
+                "config": cfg.to_dict(),
+                "config_hash": config_hash(cfg),
+                "resume_key": _resume_key(cfg),
+            },
         )
-        run = cls(path=path, state={"rounds_completed": 0, "rounds": []})
+        run = cls(path=path, state=state)
         run.save_state()
         return run
 

@@ -98,7 +98,11 @@ class PrivacyState:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"history": self.history, "delta": self.delta, "noise_multiplier": self.noise_multiplier}
+            {
+                "history": self.history,
+                "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier,
+            }
         )
 
     @classmethod

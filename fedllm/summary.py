@@ -40,7 +40,8 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
     rounds = sorted(evals)
     sites = sorted({s for r in evals.values() for s in r} | {s for r in trains.values() for s in r})
     eval_loss = [
-        weighted_mean([(m["eval-loss"], m["eval-tokens"]) for m in evals[r].values()]) for r in rounds
+        weighted_mean([(m["eval-loss"], m["eval-tokens"]) for m in evals[r].values()])
+        for r in rounds
     ]
     per_site: dict[str, dict[str, Any]] = {}
     for s in sites:
@@ -127,5 +128,7 @@ def render_table(summary: dict[str, Any]) -> Any:
     if rounds and summary["eval_loss"]:
         first, last = summary["eval_loss"][0], summary["eval_loss"][-1]
         if first is not None and last is not None:
-            table.caption = f"global eval loss {first:.4f} (round 0) -> {last:.4f} (round {rounds[-1]})"
+            table.caption = (
+                f"global eval loss {first:.4f} (round 0) -> {last:.4f} (round {rounds[-1]})"
+            )
     return table

@@ -65,7 +65,9 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def _forward_loss(
     model: torch.nn.Module, features: Features, pad_token_id: int, device: torch.device
 ) -> torch.Tensor:
-    batch = {k: v.to(device) for k, v in collate_batch(list(features), pad_token_id=pad_token_id).items()}
+    batch = {
+        k: v.to(device) for k, v in collate_batch(list(features), pad_token_id=pad_token_id).items()
+    }
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_example_loss(logits, batch["labels"])
 
@@ -220,5 +222,8 @@ def evaluate(
         tokens += int((labels != -100).sum())
     mean = total / max(tokens, 1)
     return EvalResult(
-        loss=mean, perplexity=math.exp(min(mean, 50.0)), num_examples=len(features), num_tokens=tokens
+        loss=mean,
+        perplexity=math.exp(min(mean, 50.0)),
+        num_examples=len(features),
+        num_tokens=tokens,
     )

@@ -22,7 +22,9 @@ def check_update(
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing:
-        raise InvalidUpdateError(f"{sender}: update lacks {len(missing)} tensors, e.g. '{missing[0]}'.")
+        raise InvalidUpdateError(
+            f"{sender}: update lacks {len(missing)} tensors, e.g. '{missing[0]}'."
+        )
     if extra:
         # An extra name could be a base-model weight: only adapter tensors may travel.
         raise InvalidUpdateError(f"{sender}: update carries unexpected tensor '{extra[0]}'.")
@@ -30,7 +32,8 @@ def check_update(
         value = arrays[name]
         if tuple(value.shape) != tuple(shape):
             raise InvalidUpdateError(
-                f"{sender}: tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(shape)}."
+                f"{sender}: tensor '{name}' has shape {tuple(value.shape)}, "
+                f"expected {tuple(shape)}."
             )
         if not np.issubdtype(value.dtype, np.floating):
             raise InvalidUpdateError(f"{sender}: tensor '{name}' has dtype {value.dtype}.")

@@ -9,7 +9,6 @@ configured Flower strategy's `aggregate_train`.
 from __future__ import annotations
 
 import io
-import sys
 import time
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -22,24 +21,23 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
-from fedllm.records import arrays_to_record, record_bytes, record_to_arrays
+from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import RunDir
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
 from server.strategies import build_strategy
 
 
-
-def _fail(error: FedllmError) -> None:
+def _fail(error: FedllmError | str) -> None:
     """One line naming what is wrong, no traceback; the run directory is left untouched."""
     log(ERROR, "fedllm: %s", error)
-    sys.exit(2)
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     """The ServerApp; `overrides` (flat keys) are laid over the run config, for
     `flwr.simulation.run_simulation`, which passes no run config of its own."""
     server_app = ServerApp()
+    route_fedllm_logs()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
@@ -53,21 +51,39 @@ def main(grid: Grid, run_config: dict[str, Any]) -> None:
     try:
         cfg = parse_config(run_config)
         spec = adapter_spec(cfg.model, cfg.lora)
-        run = RunDir.open(cfg)
+        run = RunDir.find(cfg)
+        FederatedRun(grid, cfg, run, spec).execute()
     except FedllmError as e:
         _fail(e)
-        return
-    FederatedRun(grid, cfg, run, spec).execute()
+
+
+def _error_reason(text: str | None) -> str:
+    """The site's own one-line message out of Flower's wrapped error text."""
+    if not text:
+        return "unknown error"
+    text = text.strip()
+    marker = "Message: "
+    if marker in text:
+        text = text[text.rindex(marker) + len(marker) :]
+    return text.strip().splitlines()[0].rstrip("'>")
 
 
 app = create_app()
 
 
 class FederatedRun:
-    """State of one run on the server: the global adapter and what each round recorded."""
+    """State of one run on the server: the global adapter and what each round recorded.
 
-    def __init__(self, grid: Grid, cfg: FedllmConfig, run: RunDir, spec: AdapterSpec) -> None:
+    A new run's directory is only created once round 0 (evaluation of the initial adapter)
+    has succeeded on enough sites, so a bad data source or an empty partition reported by
+    the sites leaves nothing half-written behind.
+    """
+
+    def __init__(
+        self, grid: Grid, cfg: FedllmConfig, run: RunDir | None, spec: AdapterSpec
+    ) -> None:
         self.grid, self.cfg, self.run, self.spec = grid, cfg, run, spec
+        self.state: dict[str, Any] = run.state if run else {"rounds_completed": 0}
         self.full = init_adapter(spec, seed=cfg.run.seed)
         self.expected = {n: spec.shapes[n] for n in spec.sent}
         self.arrays = {n: self.full[n] for n in spec.sent}
@@ -75,15 +91,23 @@ class FederatedRun:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, kind: str, server_round: int, site: str, metrics: dict[str, Any]) -> None:
-        self.run.state.setdefault(kind, {}).setdefault(str(server_round), {})[site] = metrics
+        self.state.setdefault(kind, {}).setdefault(str(server_round), {})[site] = metrics
 
-    def _summary(self) -> dict[str, Any]:
-        summary = build_summary(self.cfg, self.run.state, run_dir=str(self.run.path))
+    def _save(self) -> dict[str, Any] | None:
+        """Persist state and summary (atomically); returns the summary."""
+        if self.run is None:
+            return None
+        self.run.save_state()
+        summary = build_summary(self.cfg, self.state, run_dir=str(self.run.path))
         self.run.write_summary(summary)
         return summary
 
+    @property
+    def rounds_completed(self) -> int:
+        return int(self.state.get("rounds_completed", 0))
+
     def _resume(self) -> None:
-        ckpt = self.run.latest_checkpoint()
+        ckpt = self.run.latest_checkpoint() if self.run else None
         if ckpt is None:
             return
         from safetensors.numpy import load_file
@@ -91,7 +115,7 @@ class FederatedRun:
         saved = load_file(str(ckpt / "adapter_model.safetensors"))
         self.full.update(saved)
         self.arrays = {n: saved[n] for n in self.spec.sent}
-        log(INFO, "fedllm: resuming %s after round %d", self.run.path, self.run.rounds_completed)
+        log(INFO, "fedllm: resuming %s after round %d", self.run.path, self.rounds_completed)
 
     def _wait_for_sites(self) -> None:
         deadline = time.monotonic() + min(self.cfg.run.timeout, 600)
@@ -103,32 +127,45 @@ class FederatedRun:
             time.sleep(1.0)
         self.num_sites = len(list(self.grid.get_node_ids()))
 
+    def _start_new_run(self, strategy: Any) -> None:
+        """Round 0 in memory; the run directory appears only if enough sites evaluated."""
+        self._evaluate(strategy, 0)
+        ok = len(self.state.get("evals", {}).get("0", {}))
+        if ok < self.cfg.run.min_sites:
+            reasons = sorted({f["reason"] for f in self.state.get("failures", [])})
+            raise FedllmError(
+                f"only {ok} of {self.num_sites} sites could evaluate the initial adapter "
+                f"(run.min-sites = {self.cfg.run.min_sites}): {'; '.join(reasons) or 'no reply'}"
+            )
+        self.run = RunDir.create(self.cfg, self.state)
+
     # -- the loop ----------------------------------------------------------------------------
     def execute(self) -> None:
         cfg = self.cfg
         self._resume()
         self._wait_for_sites()
         strategy = build_strategy(cfg, num_sites=self.num_sites)
+        self.state["adapter"] = {
+            "ffa": cfg.lora.ffa,
+            "sent_tensors": len(self.arrays),
+            "sent_parameters": int(sum(a.size for a in self.arrays.values())),
+            **{k: v for k, v in self.state.get("adapter", {}).items() if k == "final_checkpoint"},
+        }
         log(
             INFO,
             "fedllm: run %s -> %s | %d sites | %s | DP %s | %d tensors (%d params) travel",
             cfg.run.name,
-            self.run.path,
+            RunDir.path_for(cfg),
             self.num_sites,
             cfg.strategy.name,
             f"sigma={cfg.privacy.noise_multiplier}" if cfg.privacy.enabled else "off",
             len(self.arrays),
-            sum(a.size for a in self.arrays.values()),
+            self.state["adapter"]["sent_parameters"],
         )
-        self.run.state["adapter"] = {
-            "ffa": cfg.lora.ffa,
-            "sent_tensors": len(self.arrays),
-            "sent_parameters": int(sum(a.size for a in self.arrays.values())),
-        }
-        if self.run.rounds_completed == 0 and "0" not in self.run.state.get("evals", {}):
-            self._evaluate(strategy, 0)
-            self.run.save_state()
-        start_round = self.run.rounds_completed + 1
+        if self.run is None:
+            self._start_new_run(strategy)
+        assert self.run is not None
+        start_round = self.rounds_completed + 1
         if start_round > cfg.run.rounds:
             log(INFO, "fedllm: run %s already has %d rounds.", cfg.run.name, cfg.run.rounds)
         for server_round in range(start_round, cfg.run.rounds + 1):
@@ -138,11 +175,10 @@ class FederatedRun:
                 break
             self._evaluate(strategy, server_round)
             self._checkpoint(server_round)
-            self.run.state.setdefault("round_seconds", []).append(round(time.monotonic() - t0, 2))
-            self.run.state["rounds_completed"] = server_round
-            self.run.save_state()
-            summary = self._summary()
-            loss = summary["eval_loss"][-1]
+            self.state.setdefault("round_seconds", []).append(round(time.monotonic() - t0, 2))
+            self.state["rounds_completed"] = server_round
+            summary = self._save()
+            loss = summary["eval_loss"][-1] if summary else None
             log(
                 INFO,
                 "fedllm: [round %d/%d] done in %.1fs | global eval loss %.4f | epsilon %s",
@@ -153,15 +189,18 @@ class FederatedRun:
                 {s: round(e, 3) for s, e in summary["epsilon"].items() if e is not None},
             )
         else:
-            self.run.state["status"] = "completed"
-        self.run.save_state()
-        summary = self._summary()
+            self.state["status"] = "completed"
+        summary = self._save()
         console_text = io.StringIO()
         from rich.console import Console
 
         Console(file=console_text, width=110).print(render_table(summary))
-        log(INFO, "fedllm: summary written to %s\n%s", self.run.path / "summary.json",
-            console_text.getvalue())
+        log(
+            INFO,
+            "fedllm: summary written to %s\n%s",
+            self.run.path / "summary.json",
+            console_text.getvalue(),
+        )
 
     def _send(self, messages: list[Message], kind: str, server_round: int) -> list[Message]:
         down = sum(record_bytes(m.content["arrays"]) for m in messages)
@@ -171,7 +210,7 @@ class FederatedRun:
             for r in replies
             if not r.has_error() and "arrays" in r.content.array_records
         )
-        entries = self.run.state.setdefault("bytes", [])
+        entries = self.state.setdefault("bytes", [])
         entry = next((e for e in entries if e["round"] == server_round), None)
         if entry is None:
             entry = {"round": server_round, "up": 0, "down": 0}
@@ -180,11 +219,21 @@ class FederatedRun:
         entry["down"] += down
         for r in replies:
             if r.has_error():
-                reason = r.error.reason.strip().splitlines()[-1] if r.error.reason else "unknown"
-                log(WARNING, "fedllm: node %d failed in %s: %s", r.metadata.src_node_id, kind, reason)
-                self.run.state.setdefault("failures", []).append(
-                    {"round": server_round, "phase": kind, "node": r.metadata.src_node_id,
-                     "reason": reason}
+                reason = _error_reason(r.error.reason)
+                log(
+                    WARNING,
+                    "fedllm: node %d failed in %s: %s",
+                    r.metadata.src_node_id,
+                    kind,
+                    reason,
+                )
+                self.state.setdefault("failures", []).append(
+                    {
+                        "round": server_round,
+                        "phase": kind,
+                        "node": r.metadata.src_node_id,
+                        "reason": reason,
+                    }
                 )
         return [r for r in replies if not r.has_error()]
 
@@ -204,10 +253,12 @@ class FederatedRun:
             try:
                 metrics = dict(reply.content["metrics"])
                 sender = f"site {int(metrics['site'])} ({sender})"
-                check_update(record_to_arrays(reply.content["arrays"]), self.expected, sender=sender)
+                check_update(
+                    record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
+                )
             except (InvalidUpdateError, KeyError) as e:
                 log(WARNING, "fedllm: rejected update: %s", e)
-                self.run.state.setdefault("rejected", []).append(
+                self.state.setdefault("rejected", []).append(
                     {"round": server_round, "sender": sender, "reason": str(e)}
                 )
                 continue
@@ -219,10 +270,12 @@ class FederatedRun:
                 f"run.min-sites = {self.cfg.run.min_sites}; stopping with the last global adapter."
             )
             log(ERROR, "fedllm: %s", reason)
-            self.run.state.update(status="stopped", stop_reason=reason)
+            self.state.update(status="stopped", stop_reason=reason)
             return False
         arrays, _ = strategy.aggregate_train(server_round, valid)
-        self.arrays = {k: np.asarray(v, dtype=np.float32) for k, v in record_to_arrays(arrays).items()}
+        self.arrays = {
+            k: np.asarray(v, dtype=np.float32) for k, v in record_to_arrays(arrays).items()
+        }
         return True
 
     def _evaluate(self, strategy: Any, server_round: int) -> None:
@@ -239,4 +292,4 @@ class FederatedRun:
         self.full.update(self.arrays)
         path = self.run.checkpoint_dir(server_round)
         save_peft_adapter(path, self.full, model_cfg=self.cfg.model, lora_cfg=self.cfg.lora)
-        self.run.state["adapter"]["final_checkpoint"] = str(path)
+        self.state["adapter"]["final_checkpoint"] = str(path)

