@@ -62,6 +62,14 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_plot(args: argparse.Namespace) -> int:
+    from fedllm.plots import plot_run
+
+    path, _, summary = _load_run(args.run)
+    print(plot_run(summary, Path(args.out) if args.out else path / "progress.png"))
+    return 0
+
+
 def _run_config(config: dict[str, Any]) -> Any:
     from fedllm.config import FedllmConfig, parse_config
 
@@ -181,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="outputs/<run-name>")
     show.add_argument("--json", action="store_true", help="print summary.json as is")
     show.set_defaults(func=cmd_runs_show)
+    plot = runs.add_parser("plot", help="draw held-out loss and epsilon per site and round")
+    plot.add_argument("run", help="outputs/<run-name>")
+    plot.add_argument("--out", help="PNG path (default: <run>/progress.png)")
+    plot.set_defaults(func=cmd_runs_plot)
 
     gen = sub.add_parser("generate", help="answer a prompt with the base model + final adapter")
     gen.add_argument("prompt")

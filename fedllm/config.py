@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -240,6 +241,13 @@ class StrategyConfig:
             "must be > 0",
         )
         _require(self.proximal_mu >= 0, "strategy.proximal-mu", self.proximal_mu, ">= 0")
+        _require(
+            0 <= self.server_momentum < 1,
+            "strategy.server-momentum",
+            self.server_momentum,
+            "must be in [0, 1)",
+        )
+        _require(self.tau > 0, "strategy.tau", self.tau, "must be > 0")
 
 
 @dataclass
@@ -309,6 +317,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             return value
     elif typ is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' = {value!r} must be a finite number.")
             return float(value)
     elif typ is str:
         if isinstance(value, str):

@@ -339,9 +339,9 @@ def init_adapter(spec: AdapterSpec, *, seed: int) -> dict[str, np.ndarray]:
 
 
 def get_adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The trainable adapter tensors (exactly what a site sends), as float32 numpy arrays."""
+    """The trainable adapter tensors (exactly what a site sends), as float32 numpy copies."""
     return OrderedDict(
-        (_public_name(n), p.detach().to(torch.float32).cpu().numpy())
+        (_public_name(n), p.detach().to(torch.float32).cpu().numpy().copy())
         for n, p in model.named_parameters()
         if p.requires_grad
     )
@@ -355,16 +355,19 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) ->
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise InvalidUpdateError(f"adapter arrays do not match the model: {what}.")
+    # Check everything before writing anything: a refused update leaves the model as it was.
+    for name, param in params.items():
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(param.shape):
+            raise InvalidUpdateError(
+                f"adapter array '{name}' has shape {tuple(value.shape)}, "
+                f"expected {tuple(param.shape)}."
+            )
+        if not np.all(np.isfinite(value)):
+            raise InvalidUpdateError(f"adapter array '{name}' holds NaN or infinite values.")
     with torch.no_grad():
         for name, param in params.items():
             value = np.asarray(arrays[name])
-            if tuple(value.shape) != tuple(param.shape):
-                raise InvalidUpdateError(
-                    f"adapter array '{name}' has shape {tuple(value.shape)}, "
-                    f"expected {tuple(param.shape)}."
-                )
-            if not np.all(np.isfinite(value)):
-                raise InvalidUpdateError(f"adapter array '{name}' holds NaN or infinite values.")
             param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
 
 

@@ -191,6 +191,9 @@ class FederatedRun:
         else:
             self.state["status"] = "completed"
         summary = self._save()
+        from fedllm.plots import plot_run
+
+        plot_run(summary, self.run.path / "progress.png")
         console_text = io.StringIO()
         from rich.console import Console
 

@@ -144,3 +144,39 @@ def test_rerun_with_same_name_resumes_without_retraining(dp_run: dict[str, Any])
     assert [b["round"] for b in summary["bytes_per_round"]] == [0, 1, 2, 3]
     for info in summary["sites"].values():
         assert info["epsilon"]["3"] > info["epsilon"]["2"]
+
+
+def test_cli_shows_the_run_and_generates_with_its_adapter(
+    dp_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedllm runs show` prints the per-site table; `fedllm generate` answers a prompt."""
+    # Prepare
+    from fedllm.cli import main as cli_main
+
+    run_dir = str(dp_run["dir"])
+    # Execute
+    show_code = cli_main(["runs", "show", run_dir])
+    shown = capsys.readouterr().out
+    gen_code = cli_main(["generate", "--run", run_dir, "--max-new-tokens", "5", "What is AI?"])
+    answer = capsys.readouterr().out
+    # Assert
+    assert show_code == 0 and gen_code == 0
+    assert "tiny-dp" in shown and "epsilon" in shown and "final adapter" in shown
+    assert answer.endswith("\n")  # the tiny model's answer may be only special tokens
+
+
+def test_missing_dataset_stops_before_writing_a_run_dir(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Sites that cannot read their data fail round 0; no run directory is left behind."""
+    # Prepare
+    overrides = {
+        "model.name": str(tiny_model_dir),
+        "run.name": "no-data",
+        "run.output-dir": str(tmp_path),
+        "data.source": str(tmp_path / "missing.jsonl"),
+    }
+    # Execute
+    _simulate(overrides)
+    # Assert
+    assert not (tmp_path / "no-data").exists()

@@ -1,0 +1,158 @@
+"""Tests for fedllm.privacy.accounting: cumulative ε over a site's DP-SGD history."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedllm.errors import ConfigError
+from fedllm.privacy.accounting import (
+    calibrate_noise,
+    default_delta,
+    epsilon,
+    history_from_json,
+    history_to_json,
+    make_accountant,
+    total_steps,
+)
+
+DELTA = 1e-5
+
+# RDP ε of 1000 Poisson-subsampled Gaussian steps (σ=1.0, q=0.01) at δ=1e-5, computed once with
+# Opacus 1.6.0's RDPAccountant (2.1013652716430564) and pinned so a change of accountant or
+# Opacus version that moves the reported spend is noticed.
+PINNED_RDP_EPSILON = 2.10137
+
+# Opacus warns when the best RDP order is the largest of its grid; harmless for these values.
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+
+
+def test_epsilon_of_an_empty_history_is_zero() -> None:
+    """Before any step nothing has been spent."""
+    # Execute / Assert
+    assert epsilon([], delta=DELTA) == 0.0
+    assert epsilon([], delta=DELTA, mechanism="prv") == 0.0
+
+
+def test_epsilon_of_zero_noise_is_infinite() -> None:
+    """A step without noise gives no guarantee: ε is reported as infinite, never finite."""
+    # Execute / Assert
+    assert epsilon([(1.0, 0.01, 10), (0.0, 0.01, 1)], delta=DELTA) == math.inf
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_epsilon_grows_with_more_steps(mechanism: str) -> None:
+    """ε strictly increases as the same mechanism runs for more steps."""
+    # Prepare
+    steps = [1, 10, 100, 1000]
+
+    # Execute
+    spent = [epsilon([(1.0, 0.01, n)], delta=DELTA, mechanism=mechanism) for n in steps]
+
+    # Assert
+    assert all(e > 0 for e in spent)
+    assert spent == sorted(spent)
+    assert len(set(spent)) == len(spent)
+
+
+def test_history_composes_like_one_long_run() -> None:
+    """[(σ,q,a), (σ,q,b)] spends exactly what (σ,q,a+b) spends under RDP."""
+    # Prepare
+    split = [(1.0, 0.01, 300), (1.0, 0.01, 700)]
+    joined = [(1.0, 0.01, 1000)]
+
+    # Execute
+    eps_split = epsilon(split, delta=DELTA, mechanism="rdp")
+    eps_joined = epsilon(joined, delta=DELTA, mechanism="rdp")
+
+    # Assert
+    assert eps_split == pytest.approx(eps_joined, abs=1e-9)
+
+
+def test_rdp_epsilon_matches_opacus_and_the_pinned_value() -> None:
+    """σ=1.0, q=0.01, 1000 steps, δ=1e-5 gives Opacus' RDP ε, 2.10137."""
+    # Prepare
+    reference = RDPAccountant()
+    reference.history = [(1.0, 0.01, 1000)]
+
+    # Execute
+    ours = epsilon([(1.0, 0.01, 1000)], delta=DELTA, mechanism="rdp")
+
+    # Assert
+    assert ours == pytest.approx(reference.get_epsilon(delta=DELTA), abs=1e-12)
+    assert ours == pytest.approx(PINNED_RDP_EPSILON, abs=1e-3)
+
+
+def test_make_accountant_preloads_the_history() -> None:
+    """The accountant carries the history as Opacus keeps it: (float σ, float q, int steps)."""
+    # Execute
+    accountant = make_accountant("rdp", [(1, 0.5, 3.0)])
+
+    # Assert
+    assert isinstance(accountant, RDPAccountant)
+    assert accountant.history == [(1.0, 0.5, 3)]
+    assert isinstance(accountant.history[0][2], int)
+
+
+def test_unknown_accountant_is_a_config_error() -> None:
+    """An accountant name Opacus does not know names the config key."""
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"config key 'privacy\.accountant' = 'gdpx' is unknown"):
+        make_accountant("gdpx")
+
+
+def test_calibrated_noise_meets_the_target_tightly() -> None:
+    """The calibrated σ spends at most the target, and 5% less noise would overshoot it."""
+    # Prepare
+    target, q, steps = 2.0, 0.01, 1000
+
+    # Execute
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+
+    # Assert
+    spent = epsilon([(sigma, q, steps)], delta=DELTA)
+    assert spent <= target
+    assert spent > target - 0.05
+    assert epsilon([(sigma * 0.95, q, steps)], delta=DELTA) > target
+
+
+def test_impossible_target_is_a_config_error() -> None:
+    """A budget that no σ can meet names privacy.target-epsilon instead of returning a value."""
+    # Execute / Assert
+    with pytest.raises(
+        ConfigError,
+        match=r"config key 'privacy\.target-epsilon' = 0\.01 cannot be met at delta=1e-05 "
+        r"over 1000 steps",
+    ):
+        calibrate_noise(target_epsilon=0.01, delta=DELTA, sample_rate=0.01, steps=1000)
+
+
+def test_history_json_round_trip() -> None:
+    """A history survives JSON with its types; an empty text is an empty history."""
+    # Prepare
+    history = [(0.8, 0.05, 4), (1.2, 0.1, 2)]
+
+    # Execute
+    text = history_to_json(history)
+    again = history_from_json(text)
+
+    # Assert
+    assert text == "[[0.8, 0.05, 4], [1.2, 0.1, 2]]"
+    assert again == history
+    assert all(isinstance(n, int) for _, _, n in again)
+    assert history_from_json("") == []
+    assert history_from_json(history_to_json([])) == []
+    assert total_steps(again) == 6
+
+
+@pytest.mark.parametrize("n", [1, 10, 2000, 1_000_000])
+def test_default_delta_is_below_one_over_n(n: int) -> None:
+    """The default δ is an order of magnitude below 1/n."""
+    # Execute
+    delta = default_delta(n)
+
+    # Assert
+    assert 0 < delta < 1 / n
+    assert delta == pytest.approx(0.1 / n)
