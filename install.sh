@@ -27,7 +27,7 @@ echo 'import os; os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLA
 
 # Convert the embedded GGUF once into safetensors (~30 s) so every later load is fast.
 fedllm model prepare
-# Flower's local simulation federation: three sites, one at a time on 2 cores.
+# A Flower connection for a local simulation of three sites, one at a time on 2 cores.
 fedllm federation setup --sites 3 --cpus 2
 
 echo "fedllm installed. Run a federated DP-LoRA job with:  flwr run . --stream"

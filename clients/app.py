@@ -16,14 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.records import arrays_to_record, record_to_arrays, route_fedllm_logs
-from fedllm.site import (
-    PrivacyState,
-    SiteData,
-    load_site_data,
-    run_evaluate,
-    run_train,
-    tokenizer_for,
-)
+from fedllm.site import PrivacyState, SiteData, run_evaluate, run_train, site_data_for
 
 log = logging.getLogger("fedllm.client")
 route_fedllm_logs()
@@ -49,8 +42,7 @@ def _prepare(
     run_name = str(msg.content["config"].get("run-name", cfg.run.name))
     cfg.run.name = run_name
     site, num_sites = _site(context)
-    tokenizer = tokenizer_for(cfg)
-    data = load_site_data(cfg, site=site, num_sites=num_sites, tokenizer=tokenizer)
+    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites)
     return cfg, data, int(tokenizer.pad_token_id)
 
 

@@ -17,8 +17,6 @@ from fedllm.errors import FedllmError, RunDirError
 
 __all__ = ["main"]
 
-LOCAL_SUPERLINK_PORT = 39091  # where `flwr run .` starts its local SuperLink
-
 
 def _load_run(run_dir: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     path = Path(run_dir)
@@ -135,47 +133,50 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
     return 0
 
 
-def _local_superlink_up() -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{LOCAL_SUPERLINK_PORT}/health", timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def cmd_federation_setup(args: argparse.Namespace) -> int:
-    """Size Flower's local simulation federation with Flower's own command.
+    """Add a local simulation federation of `--sites` sites to Flower's own config file.
 
-    Flower keeps the setting in its local SuperLink's database; when this command had to
-    start that SuperLink, it stops it again so no daemon is left behind (the next
-    `flwr run .` starts it and reads the setting back).
+    Written with Flower's config helpers into ``$FLWR_HOME/config.toml`` (fedllm keeps no
+    federation settings of its own). The connection carries its simulation options, so every
+    `flwr run .` gets the same federation even after its local SuperLink restarts (a size
+    set with `flwr federation simulation-config` lives in the SuperLink and is lost then).
+    It becomes the default only when the default is still Flower's stock `local`.
     """
-    import os
-    import signal
-    import subprocess
+    from flwr.cli.flower_config import (
+        init_flwr_config,
+        read_flower_config,
+        set_default_superlink_connection,
+        write_superlink_connection,
+    )
+    from flwr.cli.typing import (
+        SimulationBackendConfig,
+        SimulationClientResources,
+        SuperLinkConnection,
+        SuperLinkSimulationOptions,
+    )
 
-    was_up = _local_superlink_up()
-    cmd = [
-        "flwr",
-        "federation",
-        "simulation-config",
-        args.federation,
-        args.superlink,
-        "--num-supernodes",
-        str(args.sites),
-        "--client-resources-num-cpus",
-        str(args.cpus),
-    ]
-    code = subprocess.call(cmd)
-    if not was_up and args.superlink == "local":
-        out = subprocess.run(
-            ["pgrep", "-f", "flower-superlink .*--simulation"], capture_output=True, text=True
-        )
-        for pid in out.stdout.split():
-            os.kill(int(pid), signal.SIGTERM)
-    return code
+    init_flwr_config()
+    connection = SuperLinkConnection(
+        name=args.name,
+        address=":local:",
+        options=SuperLinkSimulationOptions(
+            num_supernodes=args.sites,
+            backend=SimulationBackendConfig(
+                client_resources=SimulationClientResources(num_cpus=args.cpus, num_gpus=0.0)
+            ),
+        ),
+    )
+    write_superlink_connection(connection)
+    config, path = read_flower_config()
+    default = config.get("superlink", {}).get("default")
+    if default in (None, "local") or args.make_default:
+        set_default_superlink_connection(args.name)
+        default = args.name
+    print(
+        f"Flower connection '{args.name}' ({args.sites} simulated sites, {args.cpus} CPUs each) "
+        f"written to {path}; default connection: '{default}'."
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,11 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     fed = sub.add_parser("federation", help="Flower federations").add_subparsers(
         dest="federation_command", required=True
     )
-    setup = fed.add_parser("setup", help="size the local simulation federation")
+    setup = fed.add_parser("setup", help="add a local simulation federation to Flower's config")
     setup.add_argument("--sites", type=int, default=3)
     setup.add_argument("--cpus", type=int, default=2, help="CPUs per simulated site")
-    setup.add_argument("--federation", default="@none/default")
-    setup.add_argument("--superlink", default="local")
+    setup.add_argument("--name", default="fedllm-local", help="Flower connection name")
+    setup.add_argument(
+        "--make-default", action="store_true", help="make it the default even over a custom one"
+    )
     setup.set_defaults(func=cmd_federation_setup)
     return parser
 

@@ -5,6 +5,7 @@ The ClientApp (`clients/app.py`) only translates Flower records to and from thes
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedllm.config import FedllmConfig
+from fedllm.config import FedllmConfig, ModelConfig
 from fedllm.data import load_examples, partition_examples, split_train_eval, tokenize_examples
 from fedllm.errors import BudgetExceededError, DataError
 from fedllm.model import (
-    adapter_spec,
     attach_lora,
     get_adapter_arrays,
     load_base_model,
@@ -36,7 +36,16 @@ from fedllm.privacy.accounting import (
 from fedllm.privacy.dpsgd import DPSettings
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
 
-__all__ = ["PrivacyState", "SiteData", "SiteRound", "load_site_data", "run_evaluate", "run_train"]
+__all__ = [
+    "PrivacyState",
+    "SiteData",
+    "SiteRound",
+    "load_site_data",
+    "run_evaluate",
+    "run_train",
+    "site_data_for",
+    "tokenizer_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +254,33 @@ def run_evaluate(
 
 
 def tokenizer_for(cfg: FedllmConfig) -> object:
-    return load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
+    return _cached_tokenizer(resolve_model_dir(cfg.model), cfg.model.trust_remote_code)
 
 
-def sent_names(cfg: FedllmConfig) -> tuple[str, ...]:
-    return adapter_spec(cfg.model, cfg.lora).sent
+# A simulated site's process serves train and evaluate calls every round; loading the
+# tokenizer (~0.7 s) and re-tokenizing the partition (~0.5 s) each time is pure waste.
+# Both are deterministic functions of their keys, so a small per-process memo is safe.
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(model_dir: str, trust_remote_code: bool) -> object:
+    return load_tokenizer(
+        model_dir, ModelConfig(name=model_dir, trust_remote_code=trust_remote_code)
+    )
+
+
+def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[SiteData, object]:
+    """This site's data and the tokenizer, memoised per (data, model, eval, seed) settings."""
+    key = json.dumps(
+        [cfg.to_dict()[k] for k in ("data", "model", "eval")] + [cfg.run.seed, site, num_sites],
+        sort_keys=True,
+    )
+    if key not in _SITE_DATA:
+        tokenizer = tokenizer_for(cfg)
+        data = load_site_data(cfg, site=site, num_sites=num_sites, tokenizer=tokenizer)
+        if len(_SITE_DATA) >= _MAX_CACHED_SITES:  # one simulation process serves many sites
+            _SITE_DATA.pop(next(iter(_SITE_DATA)))
+        _SITE_DATA[key] = (data, tokenizer)
+    return _SITE_DATA[key]
+
+
+_MAX_CACHED_SITES = 8
+_SITE_DATA: dict[str, tuple[SiteData, object]] = {}

@@ -20,7 +20,6 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-
     def errors(self) -> list[str]:
         return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
 
