@@ -1,8 +1,9 @@
 """fedllm ClientApp: a site trains the LoRA adapter on its private data and sends only that.
 
 Thin by design: it reads Flower records and context, calls `fedllm.site`, and packs the
-reply. Each site's DP-SGD history persists in ``context.state`` and in a site-side file, so
-the ε it reports is its cumulative spend over the whole run, resumed runs included.
+reply. Each site writes every DP-SGD spend to its own hash-chained ledger (fsync'd before the
+update leaves) and rebuilds its history from it, so the ε it reports is its cumulative spend
+over the whole run, resumed runs included.
 """
 
 from __future__ import annotations
@@ -11,16 +12,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
+from fedllm.privacy.accounting import MECHANISMS
+from fedllm.privacy.ledger import Ledger
 from fedllm.records import arrays_to_record, record_to_arrays, route_fedllm_logs
-from fedllm.site import PrivacyState, SiteData, run_evaluate, run_train, site_data_for
+from fedllm.site import (
+    PrivacyState,
+    SiteData,
+    run_evaluate,
+    run_train,
+    site_data_for,
+    spend_record,
+)
 
 log = logging.getLogger("fedllm.client")
 route_fedllm_logs()
-_STATE_KEY = "fedllm.privacy"
 
 
 def _site(context: Context) -> tuple[int, int]:
@@ -28,11 +37,11 @@ def _site(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
-def _state_path(cfg: FedllmConfig, context: Context, site: int) -> Path:
-    """Where this site keeps its own privacy record (`state-dir` in the node config)."""
+def _site_ledger(cfg: FedllmConfig, context: Context, site: int) -> Ledger:
+    """This site's own privacy ledger (under `state-dir` from the node config, if given)."""
     root = context.node_config.get("state-dir")
-    base = Path(str(root)) if root else Path(cfg.run.output_dir) / cfg.run.name / "sites"
-    return base / f"site-{site}" / "privacy-state.json"
+    base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
+    return Ledger(base / "sites" / f"site-{site}" / "ledger.jsonl")
 
 
 def _prepare(
@@ -65,11 +74,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and privacy spend."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
-    path = _state_path(cfg, context, data.site)
-    if _STATE_KEY in context.state:
-        state = PrivacyState.from_json(str(context.state[_STATE_KEY]["json"]))
-    else:
-        state = PrivacyState.load(path)
+    ledger = _site_ledger(cfg, context, data.site)
+    state = PrivacyState.from_ledger(ledger.records())
     config = msg.content["config"]
     out = run_train(
         cfg,
@@ -79,9 +85,10 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         pad_token_id=pad_id,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    # Persist the spend before the update leaves the site.
-    state.save(path)
-    context.state[_STATE_KEY] = ConfigRecord({"json": state.to_json()})
+    if cfg.privacy.enabled:
+        # The spend is durable at the site before the update leaves it.
+        server_round = int(config.get("server-round", 0))
+        ledger.append(spend_record(cfg, out, site=data.site, server_round=server_round))
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
@@ -94,6 +101,8 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
             "delta": out.delta,
             "noise-multiplier": out.noise_multiplier,
             "sample-rate": out.sample_rate,
+            "max-grad-norm": cfg.privacy.max_grad_norm if cfg.privacy.enabled else 0.0,
+            **{f"epsilon-{m}": float(out.epsilons.get(m, float("inf"))) for m in MECHANISMS},
         }
     )
     log.info(

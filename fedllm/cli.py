@@ -68,6 +68,32 @@ def cmd_runs_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 only if every ledger of the run has an intact chain and every ε recomputes."""
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.privacy.verify import verify_records
+
+    path = Path(args.run)
+    ledgers = [path / "ledger.jsonl", *sorted(path.glob("sites/*/ledger.jsonl"))]
+    ledgers = [p for p in ledgers if p.is_file()]
+    if not ledgers:
+        raise RunDirError(f"{path} holds no privacy ledger (ledger.jsonl).")
+    failed = False
+    for ledger_path in ledgers:
+        records = Ledger(ledger_path).records()
+        problems = verify_records(records)
+        for problem in problems:
+            print(f"FAIL {ledger_path}: {problem}")
+        if problems:
+            failed = True
+        else:
+            print(
+                f"OK   {ledger_path}: {len(records)} records, hash chain intact, "
+                "every epsilon recomputed (RDP, PRV, PLD)"
+            )
+    return 1 if failed else 0
+
+
 def _run_config(config: dict[str, Any]) -> Any:
     from fedllm.config import FedllmConfig, parse_config
 
@@ -210,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--name", default="embedded:smollm2-135m-instruct")
     prep.add_argument("--gguf-file", default="")
     prep.set_defaults(func=cmd_model_prepare)
+
+    audit = sub.add_parser("audit", help="privacy audits").add_subparsers(
+        dest="audit_command", required=True
+    )
+    verify = audit.add_parser("verify", help="check the ledgers' hash chains and recompute every ε")
+    verify.add_argument("run", help="outputs/<run-name>")
+    verify.set_defaults(func=cmd_audit_verify)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True

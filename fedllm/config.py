@@ -37,7 +37,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATA = "chatterbot"
 
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 PARTITIONERS = ("by-category", "iid", "dirichlet")
 PRIVACY_MODES = ("record", "none")

@@ -28,9 +28,8 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
     if glob:
         ax_loss.plot(*zip(*glob, strict=True), color="black", linewidth=2.5, label="all sites")
     ax_loss.set(title="held-out loss of the global adapter", xlabel="round", ylabel="loss")
-    privacy = summary["privacy"]
     ax_eps.set(
-        title=f"cumulative ε per site ({privacy['accountant']}, record-level)",
+        title="cumulative ε per site (min of PRV, PLD; record-level)",
         xlabel="round",
         ylabel="ε",
     )

@@ -19,12 +19,13 @@ import numpy as np
 from fedllm.config import FedllmConfig, config_hash
 from fedllm.errors import RunDirError
 
-__all__ = ["RunDir", "write_json_atomic"]
+__all__ = ["LEDGER_FILE", "RunDir", "write_json_atomic"]
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
+LEDGER_FILE = "ledger.jsonl"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

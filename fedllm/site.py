@@ -8,9 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,13 +26,17 @@ from fedllm.model import (
     set_adapter_arrays,
 )
 from fedllm.privacy.accounting import (
+    MECHANISMS,
+    PLD_PRV_TOLERANCE,
     History,
     calibrate_noise,
     default_delta,
     epsilon,
+    epsilon_report,
     total_steps,
 )
 from fedllm.privacy.dpsgd import DPSettings
+from fedllm.privacy.ledger import DP_SGD, dp_sgd_entry
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "run_evaluate",
     "run_train",
     "site_data_for",
+    "spend_record",
     "tokenizer_for",
 ]
 
@@ -99,43 +103,43 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
 
 @dataclass
 class PrivacyState:
-    """A site's DP-SGD history over the whole run; persisted so ε stays cumulative."""
+    """A site's DP-SGD history over the whole run, rebuilt from its own ledger.
+
+    The ledger is the single source of truth: a resumed or restarted site reads back every
+    spend it ever recorded, so its ε stays cumulative and nothing is counted twice.
+    """
 
     history: History = field(default_factory=list)
     delta: float = 0.0
     noise_multiplier: float = 0.0
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "history": self.history,
-                "delta": self.delta,
-                "noise_multiplier": self.noise_multiplier,
-            }
-        )
-
     @classmethod
-    def from_json(cls, text: str) -> PrivacyState:
-        raw = json.loads(text)
+    def from_ledger(cls, records: list[dict[str, Any]]) -> PrivacyState:
+        spends = [r for r in records if r.get("mechanism") == DP_SGD]
+        if not spends:
+            return cls()
         return cls(
-            history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
-            delta=float(raw["delta"]),
-            noise_multiplier=float(raw["noise_multiplier"]),
+            history=[(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in spends],
+            delta=spends[-1]["delta"],
+            noise_multiplier=spends[-1]["noise_multiplier"],
         )
 
-    def save(self, path: Path) -> None:
-        """Atomic and fsync'd: a crash leaves either the old or the new state, never half."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
 
-    @classmethod
-    def load(cls, path: Path) -> PrivacyState:
-        return cls.from_json(path.read_text(encoding="utf-8")) if path.is_file() else cls()
+def spend_record(
+    cfg: FedllmConfig, out: SiteRound, *, site: int, server_round: int
+) -> dict[str, Any]:
+    """The ledger entry for this site's DP-SGD spend in one round."""
+    return dp_sgd_entry(
+        run_id=cfg.run.name,
+        server_round=server_round,
+        site=site,
+        noise_multiplier=out.noise_multiplier,
+        sample_rate=out.sample_rate,
+        steps=out.result.steps,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        delta=out.delta,
+        epsilons={m: float(out.epsilons[m]) for m in MECHANISMS},
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class SiteRound:
     noise_multiplier: float
     sample_rate: float
     total_steps: int
+    epsilons: dict[str, float | bool] = field(default_factory=dict)
 
 
 def _planned_sigma(cfg: FedllmConfig, *, sample_rate: float, delta: float) -> float:
@@ -223,13 +228,19 @@ def run_train(
         proximal_mu=proximal_mu,
         progress=progress,
     )
+    report: dict[str, float | bool] = {}
     if dp is not None:
         state.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
-    eps = (
-        epsilon(state.history, delta=state.delta, mechanism=cfg.privacy.accountant)
-        if dp is not None
-        else float("inf")
-    )
+        report = epsilon_report(state.history, delta=state.delta)
+        if report["disagree"]:
+            log.warning(
+                "site %d: PRV (%.4f) and PLD (%.4f) disagree by more than %.2f epsilon",
+                data.site,
+                report["prv"],
+                report["pld"],
+                PLD_PRV_TOLERANCE,
+            )
+    eps = float(report["epsilon"]) if dp is not None else float("inf")
     return SiteRound(
         arrays=get_adapter_arrays(model),
         result=result,
@@ -239,6 +250,7 @@ def run_train(
         noise_multiplier=dp.noise_multiplier if dp else 0.0,
         sample_rate=dp.sample_rate if dp else 0.0,
         total_steps=total_steps(state.history),
+        epsilons=report,
     )
 
 

@@ -71,6 +71,7 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "sites": per_site,
         "epsilon": final_eps,
         "delta": deltas,
+        "epsilon_by_accountant": _by_accountant(trains),
         "privacy": {
             "mode": cfg.privacy.mode,
             "guarantee": (
@@ -78,7 +79,9 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
                 if cfg.privacy.enabled
                 else "none"
             ),
-            "accountant": cfg.privacy.accountant,
+            "accountant": "min(PRV, PLD); RDP kept as an upper bound",
+            "calibration_accountant": cfg.privacy.accountant,
+            "ledger": "ledger.jsonl (hash-chained; check with `fedllm audit verify`)",
             "noise_multiplier": _site_sigma(trains),
             "max_grad_norm": cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
             "sampling": "poisson" if cfg.privacy.enabled else "shuffled batches",
@@ -96,6 +99,17 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
 
 def _last(by_round: dict[str, float]) -> float | None:
     return by_round[max(by_round, key=int)] if by_round else None
+
+
+def _by_accountant(trains: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each site's latest cumulative ε by each accountant."""
+    out: dict[str, dict[str, float]] = {}
+    for r in sorted(trains):
+        for s, m in trains[r].items():
+            values = {k[len("epsilon-") :]: v for k, v in m.items() if k.startswith("epsilon-")}
+            if values:
+                out[s] = values
+    return out
 
 
 def _site_sigma(trains: dict[int, dict[str, dict[str, float]]]) -> dict[str, float]:

@@ -21,8 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
+from fedllm.privacy.accounting import MECHANISMS
+from fedllm.privacy.ledger import Ledger, dp_sgd_entry
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
-from fedllm.rundir import RunDir
+from fedllm.rundir import LEDGER_FILE, RunDir
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
 from server.strategies import build_strategy
@@ -256,6 +258,7 @@ class FederatedRun:
             try:
                 metrics = dict(reply.content["metrics"])
                 sender = f"site {int(metrics['site'])} ({sender})"
+                self._ledger_spend(server_round, metrics)
                 check_update(
                     record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
                 )
@@ -280,6 +283,24 @@ class FederatedRun:
             k: np.asarray(v, dtype=np.float32) for k, v in record_to_arrays(arrays).items()
         }
         return True
+
+    def _ledger_spend(self, server_round: int, metrics: dict[str, Any]) -> None:
+        """Record a site's reported spend, whether or not its update is then accepted:
+        the site trained, so the privacy was spent."""
+        if not self.cfg.privacy.enabled or "epsilon-prv" not in metrics:
+            return
+        entry = dp_sgd_entry(
+            run_id=self.cfg.run.name,
+            server_round=server_round,
+            site=int(metrics["site"]),
+            noise_multiplier=metrics["noise-multiplier"],
+            sample_rate=metrics["sample-rate"],
+            steps=int(metrics["steps"]),
+            max_grad_norm=metrics["max-grad-norm"],
+            delta=metrics["delta"],
+            epsilons={m: metrics[f"epsilon-{m}"] for m in MECHANISMS},
+        )
+        Ledger(self.run.path / LEDGER_FILE).append(entry)
 
     def _evaluate(self, strategy: Any, server_round: int) -> None:
         messages = list(

@@ -12,6 +12,7 @@ from fedllm.privacy.accounting import (
     calibrate_noise,
     default_delta,
     epsilon,
+    epsilon_report,
     history_from_json,
     history_to_json,
     make_accountant,
@@ -156,3 +157,15 @@ def test_default_delta_is_below_one_over_n(n: int) -> None:
     # Assert
     assert 0 < delta < 1 / n
     assert delta == pytest.approx(0.1 / n)
+
+
+def test_pinned_point_matches_published_rdp_prv_and_pld_values() -> None:
+    """σ=1.5, q=0.04, T=2250, δ=1e-5: RDP ≈ 7.33, PRV ≈ 6.78, PLD ≈ 6.77 (tolerance 0.02)."""
+    # Execute
+    report = epsilon_report([(1.5, 0.04, 2250)], delta=1e-5)
+    # Assert
+    assert report["rdp"] == pytest.approx(7.33, abs=0.02)
+    assert report["prv"] == pytest.approx(6.78, abs=0.02)
+    assert report["pld"] == pytest.approx(6.77, abs=0.02)
+    assert report["epsilon"] == min(report["prv"], report["pld"])
+    assert report["disagree"] is False

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.accounting import epsilon_report
+from fedllm.privacy.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
@@ -72,27 +73,50 @@ def test_dp_run_completes_and_held_out_loss_falls_on_every_site(dp_run: dict[str
 
 
 def test_reported_epsilon_is_cumulative_over_the_whole_history(dp_run: dict[str, Any]) -> None:
-    """The ε a site reports after k rounds equals the accountant run over all k rounds."""
+    """The ε a site reports after k rounds equals the accountants run over all k rounds."""
     # Prepare
     summary, run_dir = dp_run["summary"], dp_run["dir"]
     for site, info in summary["sites"].items():
-        state = json.loads((run_dir / "sites" / f"site-{site}" / "privacy-state.json").read_text())
-        sigma, q, steps = state["history"][0]
+        records = Ledger(run_dir / "sites" / f"site-{site}" / "ledger.jsonl").records()
+        sigma, q, steps = (records[0][k] for k in ("noise_multiplier", "sample_rate", "steps"))
         # Execute
         recomputed = [
-            epsilon(
-                [(sigma, q, steps)] * k,
-                delta=summary["delta"][site],
-                mechanism=summary["privacy"]["accountant"],
-            )
-            for k in (1, 2)
+            epsilon_report([(sigma, q, steps)] * k, delta=summary["delta"][site]) for k in (1, 2)
         ]
         # Assert
-        assert len(state["history"]) == 2
-        assert info["epsilon"]["1"] == pytest.approx(recomputed[0], rel=1e-9)
-        assert info["epsilon"]["2"] == pytest.approx(recomputed[1], rel=1e-9)
+        assert [r["round"] for r in records] == [1, 2]
+        assert info["epsilon"]["1"] == pytest.approx(recomputed[0]["epsilon"], rel=1e-9)
+        assert info["epsilon"]["2"] == pytest.approx(recomputed[1]["epsilon"], rel=1e-9)
         assert info["epsilon"]["2"] > info["epsilon"]["1"] > 0
+        assert recomputed[1]["rdp"] >= info["epsilon"]["2"]  # RDP is the looser bound
         assert summary["delta"][site] < 1 / info["num_examples"]
+
+
+def test_ledgers_verify_and_a_flipped_byte_is_caught(
+    dp_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedllm audit verify` passes the run's ledgers and names the record a flipped byte hits."""
+    # Prepare
+    import shutil
+
+    from fedllm.cli import main as cli_main
+
+    ok_code = cli_main(["audit", "verify", str(dp_run["dir"])])
+    ok_out = capsys.readouterr().out
+    copy = tmp_path / "run"
+    shutil.copytree(dp_run["dir"], copy)
+    ledger = copy / "ledger.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"steps": 4', '"steps": 5')  # one byte, second record
+    ledger.write_text("".join(lines))
+    # Execute
+    bad_code = cli_main(["audit", "verify", str(copy)])
+    bad_out = capsys.readouterr().out
+    # Assert
+    assert ok_code == 0 and ok_out.count("OK ") == 1 + len(dp_run["summary"]["sites"])
+    assert len(Ledger(dp_run["dir"] / "ledger.jsonl").records()) == 2 * SITES
+    assert bad_code == 1
+    assert "FAIL" in bad_out and "record 2 (seq 2" in bad_out
 
 
 def test_only_adapter_tensors_travel(dp_run: dict[str, Any], tiny_model_dir: Path) -> None:

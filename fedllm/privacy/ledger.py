@@ -1,0 +1,168 @@
+"""An append-only, hash-chained, fsync'd JSONL ledger of privacy spends.
+
+Each record carries the SHA-256 of the previous record, so an auditor who holds the file can
+detect any edit, deletion or reordering without trusting the operator. Records are written
+one line at a time and fsync'd before the update they account for leaves the site. A crash
+mid-write leaves at most a torn last line without a newline; readers ignore it (that spend
+was never acknowledged) and the next append cuts it off first, so the ledger always parses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import FedllmError
+
+__all__ = [
+    "DP_SGD",
+    "GENESIS",
+    "Ledger",
+    "LedgerError",
+    "dp_sgd_entry",
+    "record_hash",
+    "verify_chain",
+]
+
+GENESIS = "0" * 64
+DP_SGD = "dp-sgd"
+
+
+class LedgerError(FedllmError):
+    """A ledger record is malformed or its hash chain is broken."""
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """SHA-256 of a record's canonical JSON, its own `sha256` field excluded."""
+    return hashlib.sha256(_canonical(record)).hexdigest()
+
+
+@dataclass
+class Ledger:
+    """One ledger file: the run's at the server, or a site's own."""
+
+    path: Path
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        if not self.path.is_file():
+            return
+        data = self.path.read_text(encoding="utf-8")
+        complete = data if data.endswith("\n") else data[: data.rfind("\n") + 1]
+        for number, line in enumerate(complete.splitlines(), start=1):
+            if line.strip():
+                yield number, line
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record, in order (a torn last line is not a record)."""
+        out = []
+        for number, line in self._lines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LedgerError(f"{self.path}: line {number} is not valid JSON ({e.msg}).") from e
+        return out
+
+    def _cut_torn_tail(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Chain `entry` to the last record, write it durably, and return the stored record."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._cut_torn_tail()
+        existing = self.records()
+        record = {
+            **entry,
+            "seq": len(existing) + 1,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "prev_sha256": existing[-1]["sha256"] if existing else GENESIS,
+        }
+        record["sha256"] = record_hash(record)
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.path.parent)
+        return record
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The file's directory entry must be durable too, or a crash can lose a new ledger.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_chain(records: list[dict[str, Any]]) -> list[str]:
+    """Problems with the hash chain, each naming the record (empty: the chain is intact)."""
+    problems = []
+    previous = GENESIS
+    for index, record in enumerate(records, start=1):
+        label = f"record {index} (seq {record.get('seq', '?')})"
+        if record.get("seq") != index:
+            problems.append(f"{label}: sequence number should be {index}.")
+        if record.get("prev_sha256") != previous:
+            problems.append(f"{label}: prev_sha256 does not match the record before it.")
+        try:
+            digest = record_hash(record)
+        except (TypeError, ValueError):
+            digest = None
+        if record.get("sha256") != digest:
+            problems.append(f"{label}: sha256 does not match its content (edited?).")
+        previous = record.get("sha256", "")
+    return problems
+
+
+def dp_sgd_entry(
+    *,
+    run_id: str,
+    server_round: int,
+    site: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    max_grad_norm: float,
+    delta: float,
+    epsilons: dict[str, float],
+) -> dict[str, Any]:
+    """One round of record-level DP-SGD at one site: raw parameters and cumulative ε.
+
+    The raw parameters are enough to recompute every ε (`fedllm audit verify` does), so the
+    ε fields are claims to check, not facts to trust.
+    """
+    return {
+        "run_id": run_id,
+        "round": int(server_round),
+        "site": int(site),
+        "mechanism": DP_SGD,
+        "level": "record",
+        "neighbouring": "add/remove one example",
+        "noise_multiplier": float(noise_multiplier),
+        "sample_rate": float(sample_rate),
+        "sampling": "poisson",
+        "steps": int(steps),
+        "max_grad_norm": float(max_grad_norm),
+        "delta": float(delta),
+        "epsilon": {k: float(v) for k, v in epsilons.items()},
+        "guarantee": min(float(epsilons["prv"]), float(epsilons["pld"])),
+    }

@@ -1,0 +1,66 @@
+"""Check a privacy ledger without trusting whoever wrote it: the hash chain, and every ε.
+
+Each DP-SGD record's cumulative ε is recomputed from the raw parameters (σ, q, steps, δ) of
+that site's records up to it, by every accountant, and compared with what was claimed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
+from fedllm.privacy.ledger import DP_SGD, verify_chain
+
+__all__ = ["verify_records"]
+
+_REL_TOL = 1e-6
+
+
+def _close(claimed: Any, actual: float) -> bool:
+    try:
+        return math.isclose(float(claimed), actual, rel_tol=_REL_TOL, abs_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
+def verify_records(records: list[dict[str, Any]]) -> list[str]:
+    """Every problem found, each naming its record; an empty list means the ledger holds."""
+    problems = verify_chain(records)
+    histories: dict[tuple[str, int], History] = {}
+    deltas: dict[tuple[str, int], float] = {}
+    for index, record in enumerate(records, start=1):
+        if record.get("mechanism") != DP_SGD:
+            continue
+        label = (
+            f"record {index} (seq {record.get('seq', '?')}, site {record.get('site')}, "
+            f"round {record.get('round')})"
+        )
+        try:
+            key = (str(record["run_id"]), int(record["site"]))
+            step = (
+                float(record["noise_multiplier"]),
+                float(record["sample_rate"]),
+                int(record["steps"]),
+            )
+            delta = float(record["delta"])
+            claimed = record["epsilon"]
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{label}: missing or malformed field ({e}).")
+            continue
+        if deltas.setdefault(key, delta) != delta:
+            problems.append(f"{label}: delta changed from {deltas[key]} to {delta} mid-run.")
+        histories.setdefault(key, []).append(step)
+        report = epsilon_report(histories[key], delta=delta)
+        for mechanism in MECHANISMS:
+            if not _close(claimed.get(mechanism), float(report[mechanism])):
+                problems.append(
+                    f"{label}: claimed {mechanism} epsilon {claimed.get(mechanism)} but the raw "
+                    f"parameters give {float(report[mechanism]):.6f}."
+                )
+        if not _close(record.get("guarantee"), float(report["epsilon"])):
+            problems.append(
+                f"{label}: claimed guarantee {record.get('guarantee')} but "
+                f"min(PRV, PLD) is {float(report['epsilon']):.6f}."
+            )
+    return problems
