@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
+from fedllm.errors import BudgetExceededError
 from fedllm.privacy.accounting import MECHANISMS
+from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.ledger import Ledger
 from fedllm.records import arrays_to_record, record_to_arrays, route_fedllm_logs
 from fedllm.site import (
@@ -77,14 +79,28 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     ledger = _site_ledger(cfg, context, data.site)
     state = PrivacyState.from_ledger(ledger.records())
     config = msg.content["config"]
-    out = run_train(
-        cfg,
-        data,
-        record_to_arrays(msg.content["arrays"]),
-        state,
-        pad_token_id=pad_id,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    site_cap = context.node_config.get("epsilon-max")
+    budget = effective_budget(
+        epsilon_max=cfg.privacy.epsilon_max,
+        target_epsilon=cfg.privacy.target_epsilon,
+        site_epsilon_max=float(site_cap) if site_cap is not None else None,
     )
+    try:
+        out = run_train(
+            cfg,
+            data,
+            record_to_arrays(msg.content["arrays"]),
+            state,
+            pad_token_id=pad_id,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            budget=budget,
+        )
+    except BudgetExceededError as e:
+        # A refusal is an answer, not a failure: the server leaves this site out and says why.
+        log.warning("%s", e)
+        refusal = MetricRecord({"site": data.site, "refused": 1, "num-examples": 0})
+        reason = ConfigRecord({"reason": str(e)})
+        return Message(content=RecordDict({"metrics": refusal, "refusal": reason}), reply_to=msg)
     if cfg.privacy.enabled:
         # The spend is durable at the site before the update leaves it.
         server_round = int(config.get("server-round", 0))

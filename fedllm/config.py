@@ -184,6 +184,13 @@ class PrivacyConfig:
         default=0.0,
         metadata=_help("if > 0, sigma is calibrated so the whole run spends this epsilon"),
     )
+    epsilon_max: float = field(
+        default=0.0,
+        metadata=_help(
+            "each site's hard epsilon budget; 0: target-epsilon if set, else none "
+            "(a site may lower it with `epsilon-max` in its node config)"
+        ),
+    )
     max_grad_norm: float = field(default=1.0, metadata=_help("per-example clipping norm"))
     delta: float = field(
         default=0.0, metadata=_help("0: 0.1 / (training examples at the site), below 1/n")

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedllm.config import FedllmConfig, ModelConfig
 from fedllm.data import load_examples, partition_examples, split_train_eval, tokenize_examples
-from fedllm.errors import BudgetExceededError, DataError
+from fedllm.errors import DataError
 from fedllm.model import (
     attach_lora,
     get_adapter_arrays,
@@ -31,10 +31,10 @@ from fedllm.privacy.accounting import (
     History,
     calibrate_noise,
     default_delta,
-    epsilon,
     epsilon_report,
     total_steps,
 )
+from fedllm.privacy.budget import check_budget
 from fedllm.privacy.dpsgd import DPSettings
 from fedllm.privacy.ledger import DP_SGD, dp_sgd_entry
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
@@ -184,10 +184,15 @@ def run_train(
     *,
     pad_token_id: int,
     proximal_mu: float = 0.0,
+    budget: float | None = None,
 ) -> SiteRound:
-    """Train one round from the global `arrays`; `state` gains this round's DP steps."""
-    model, device = _load_model(cfg)
-    set_adapter_arrays(model, arrays)
+    """Train one round from the global `arrays`; `state` gains this round's DP steps.
+
+    Raises
+    ------
+    BudgetExceededError
+        Before any training, if the round would take the site past `budget`.
+    """
     n = len(data.train)
     dp = None
     if cfg.privacy.enabled:
@@ -196,17 +201,13 @@ def run_train(
             state.delta = cfg.privacy.delta or default_delta(n)
         if not state.noise_multiplier:
             state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
-        if cfg.privacy.target_epsilon > 0:
-            after = epsilon(
-                [*state.history, (state.noise_multiplier, sample_rate, cfg.train.local_steps)],
-                delta=state.delta,
-                mechanism=cfg.privacy.accountant,
-            )
-            if after > cfg.privacy.target_epsilon * 1.0001:
-                raise BudgetExceededError(
-                    f"site {data.site}: another round would spend epsilon {after:.3f} > "
-                    f"budget {cfg.privacy.target_epsilon}; refusing to train."
-                )
+        check_budget(
+            state.history,
+            (state.noise_multiplier, sample_rate, cfg.train.local_steps),
+            delta=state.delta,
+            budget=budget,
+            site=data.site,
+        )
         dp = DPSettings(
             noise_multiplier=state.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
@@ -214,6 +215,8 @@ def run_train(
             expected_batch_size=max(1, round(sample_rate * n)),
             grad_sample_mode=cfg.privacy.grad_sample_mode,
         )
+    model, device = _load_model(cfg)
+    set_adapter_arrays(model, arrays)
 
     def progress(step: int, steps: int, loss: float) -> None:
         log.info("site %d: step %d/%d, loss %.4f", data.site, step, steps, loss)

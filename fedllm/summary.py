@@ -90,10 +90,31 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "bytes_per_round": state.get("bytes", []),
         "round_seconds": state.get("round_seconds", []),
         "rejected_updates": state.get("rejected", []),
+        "refused": state.get("refused", []),
+        "budget": _budget_status(cfg, final_eps, state.get("refused", [])),
         "failures": state.get("failures", []),
         "adapter": state.get("adapter", {}),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
+    }
+
+
+def _budget_status(
+    cfg: FedllmConfig, spent: dict[str, float | None], refused: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per site: the run's cap, what was spent, and whether the site ran out."""
+    cap = cfg.privacy.epsilon_max or cfg.privacy.target_epsilon or None
+    exhausted = {str(r["site"]) for r in refused}
+    return {
+        "epsilon_max": cap,
+        "sites": {
+            s: {
+                "spent": e,
+                "within_budget": cap is None or (e is not None and e <= cap),
+                "exhausted": s in exhausted,
+            }
+            for s, e in spent.items()
+        },
     }
 
 

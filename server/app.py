@@ -258,6 +258,15 @@ class FederatedRun:
             try:
                 metrics = dict(reply.content["metrics"])
                 sender = f"site {int(metrics['site'])} ({sender})"
+                if metrics.get("refused"):
+                    reason = str(reply.content["refusal"]["reason"])
+                    log(
+                        WARNING, "fedllm: %s left out of round %d: %s", sender, server_round, reason
+                    )
+                    self.state.setdefault("refused", []).append(
+                        {"round": server_round, "site": int(metrics["site"]), "reason": reason}
+                    )
+                    continue
                 self._ledger_spend(server_round, metrics)
                 check_update(
                     record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
@@ -271,9 +280,11 @@ class FederatedRun:
             self._record("trains", server_round, str(int(metrics["site"])), metrics)
             valid.append(reply)
         if len(valid) < self.cfg.run.min_sites:
+            refused = sum(1 for r in self.state.get("refused", []) if r["round"] == server_round)
             reason = (
-                f"round {server_round}: only {len(valid)} valid updates, fewer than "
-                f"run.min-sites = {self.cfg.run.min_sites}; stopping with the last global adapter."
+                f"round {server_round}: only {len(valid)} valid updates ({refused} sites refused "
+                f"for their privacy budget), fewer than run.min-sites = "
+                f"{self.cfg.run.min_sites}; stopping with the last global adapter."
             )
             log(ERROR, "fedllm: %s", reason)
             self.state.update(status="stopped", stop_reason=reason)
