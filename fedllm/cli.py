@@ -94,6 +94,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    from fedllm.privacy.audit.report import build_report
+
+    path, _, _ = _load_run(args.run)
+    html_path, md_path, problems = build_report(path)
+    print(f"wrote {html_path}\nwrote {md_path}")
+    for problem in problems:
+        print(f"FAIL ledger: {problem}")
+    return 1 if problems else 0
+
+
 def _run_config(config: dict[str, Any]) -> Any:
     from fedllm.config import FedllmConfig, parse_config
 
@@ -243,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", help="check the ledgers' hash chains and recompute every ε")
     verify.add_argument("run", help="outputs/<run-name>")
     verify.set_defaults(func=cmd_audit_verify)
+    report = audit.add_parser("report", help="write audit-report.html and .md into the run")
+    report.add_argument("run", help="outputs/<run-name>")
+    report.set_defaults(func=cmd_audit_report)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True

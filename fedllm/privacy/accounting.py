@@ -19,6 +19,7 @@ __all__ = [
     "calibrate_noise",
     "default_delta",
     "epsilon",
+    "epsilon_curve",
     "epsilon_report",
     "history_from_json",
     "history_to_json",
@@ -62,7 +63,7 @@ def epsilon(history: History, *, delta: float, mechanism: str = "rdp") -> float:
     return float(make_accountant(mechanism, history).get_epsilon(delta=delta))
 
 
-def _epsilon_pld(history: History, *, delta: float) -> float:
+def _pld_accountant(history: History) -> object:
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
@@ -72,7 +73,23 @@ def _epsilon_pld(history: History, *, delta: float) -> float:
         accountant.compose(
             dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, gaussian), int(steps))
         )
-    return float(accountant.get_epsilon(delta))
+    return accountant
+
+
+def _epsilon_pld(history: History, *, delta: float) -> float:
+    return float(_pld_accountant(history).get_epsilon(delta))
+
+
+def epsilon_curve(history: History, deltas: Sequence[float]) -> dict[str, list[float]]:
+    """ε(δ) by PLD and RDP over `deltas`: each accountant is composed once, then queried."""
+    if not history:
+        return {"pld": [0.0] * len(deltas), "rdp": [0.0] * len(deltas)}
+    pld = _pld_accountant(history)
+    rdp = make_accountant("rdp", history)
+    return {
+        "pld": [float(pld.get_epsilon(d)) for d in deltas],
+        "rdp": [float(rdp.get_epsilon(delta=d)) for d in deltas],
+    }
 
 
 def epsilon_report(history: History, *, delta: float) -> dict[str, float | bool]:

@@ -12,7 +12,7 @@ from typing import Any
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.ledger import DP_SGD, verify_chain
 
-__all__ = ["verify_records"]
+__all__ = ["plausible", "verify_records"]
 
 _REL_TOL = 1e-6
 
@@ -22,6 +22,16 @@ def _close(claimed: Any, actual: float) -> bool:
         return math.isclose(float(claimed), actual, rel_tol=_REL_TOL, abs_tol=1e-9)
     except (TypeError, ValueError):
         return False
+
+
+def plausible(record: dict[str, Any]) -> bool:
+    """Whether a DP-SGD record's raw parameters are ones an accountant can take at all."""
+    try:
+        sigma, q = float(record["noise_multiplier"]), float(record["sample_rate"])
+        steps, delta = int(record["steps"]), float(record["delta"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return sigma > 0 and 0 < q <= 1 and steps >= 1 and 0 < delta < 1
 
 
 def verify_records(records: list[dict[str, Any]]) -> list[str]:
@@ -47,6 +57,13 @@ def verify_records(records: list[dict[str, Any]]) -> list[str]:
             claimed = record["epsilon"]
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"{label}: missing or malformed field ({e}).")
+            continue
+        if not plausible(record):
+            sigma, q, steps = step
+            problems.append(
+                f"{label}: impossible parameters (sigma={sigma}, q={q}, steps={steps}, "
+                f"delta={delta}); no epsilon can be recomputed from them."
+            )
             continue
         if deltas.setdefault(key, delta) != delta:
             problems.append(f"{label}: delta changed from {deltas[key]} to {delta} mid-run.")

@@ -238,3 +238,34 @@ def test_exhausted_budgets_stop_the_run_cleanly_without_overspending(
     assert all(
         not s["exhausted"] or s["within_budget"] for s in summary["budget"]["sites"].values()
     )
+
+
+def test_audit_report_is_self_contained_and_states_the_ledger_check(
+    dp_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedllm audit report` writes HTML with embedded plots and markdown tables; a tampered
+    ledger turns its integrity line into FAILED and the command's exit code into 1."""
+    # Prepare
+    import shutil
+
+    from fedllm.cli import main as cli_main
+
+    copy = tmp_path / "run"
+    shutil.copytree(dp_run["dir"], copy)
+    # Execute
+    ok_code = cli_main(["audit", "report", str(copy)])
+    page = (copy / "audit-report.html").read_text()
+    markdown = (copy / "audit-report.md").read_text()
+    ledger = copy / "ledger.jsonl"
+    ledger.write_text(ledger.read_text().replace('"sample_rate": 0.', '"sample_rate": 1.', 1))
+    bad_code = cli_main(["audit", "report", str(copy)])
+    bad_page = (copy / "audit-report.html").read_text()
+    capsys.readouterr()
+    # Assert
+    assert ok_code == 0 and bad_code == 1
+    assert "VERIFIED" in page and page.count("data:image/png;base64,") == 2
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: self-contained
+    for heading in ("Mechanisms and parameters", "Accountant comparison", "Budget status"):
+        assert heading in markdown
+    assert dp_run["summary"]["config_hash"] in markdown
+    assert "FAILED" in bad_page and "record 1 (seq 1" in bad_page

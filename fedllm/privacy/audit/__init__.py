@@ -1,0 +1,1 @@
+"""Audit artefacts built from a finished run: reports a regulator can read."""

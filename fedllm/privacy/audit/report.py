@@ -1,0 +1,215 @@
+"""`fedllm audit report`: one self-contained HTML page (and markdown) about a run's privacy.
+
+Everything in it is recomputed from the run directory (ledger, summary, config), so the
+report states what the ledger proves, not what the operator claims; the ledger check result
+is printed at the top.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from fedllm.privacy.accounting import MECHANISMS, epsilon_curve
+from fedllm.privacy.ledger import DP_SGD, Ledger
+from fedllm.privacy.verify import plausible, verify_records
+
+__all__ = ["build_report"]
+
+DELTAS = [10.0**-k for k in range(12, 1, -1)]
+
+
+def _site_histories(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    sites: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("mechanism") == DP_SGD and plausible(r):  # the rest is listed as a problem
+            sites.setdefault(int(r["site"]), []).append(r)
+    return sites
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(sites: dict[int, list[dict[str, Any]]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for site, recs in sorted(sites.items()):
+        ax.plot(
+            [0] + [r["round"] for r in recs],
+            [0.0] + [r["guarantee"] for r in recs],
+            marker="o",
+            label=f"site {site}",
+        )
+    ax.set(title="cumulative ε per site over rounds (min of PRV, PLD)", xlabel="round", ylabel="ε")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    over_rounds = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for site, recs in sorted(sites.items()):
+        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in recs]
+        curve = epsilon_curve(history, DELTAS)
+        (line,) = ax.plot(DELTAS, curve["pld"], marker=".", label=f"site {site} PLD")
+        ax.plot(
+            DELTAS, curve["rdp"], linestyle="--", color=line.get_color(), label=f"site {site} RDP"
+        )
+        ax.axvline(recs[-1]["delta"], color=line.get_color(), alpha=0.3)
+    ax.set_xscale("log")
+    ax.set(
+        title="ε(δ) at the end of the run (vertical lines: each site's δ)", xlabel="δ", ylabel="ε"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return {"epsilon_over_rounds": over_rounds, "epsilon_delta": _png(fig)}
+
+
+def _tables(
+    summary: dict[str, Any], sites: dict[int, list[dict[str, Any]]]
+) -> dict[str, tuple[list[str], list[list[str]]]]:
+    budget = summary.get("budget", {})
+    cap = budget.get("epsilon_max")
+    mech_rows, acc_rows, budget_rows = [], [], []
+    for site, recs in sorted(sites.items()):
+        last = recs[-1]
+        mech_rows.append(
+            [
+                str(site),
+                "DP-SGD (Opacus), record-level, add/remove one example",
+                f"{last['noise_multiplier']:.4g}",
+                f"{last['sample_rate']:.4g} ({last['sampling']})",
+                str(sum(r["steps"] for r in recs)),
+                f"{last['max_grad_norm']:g}",
+                f"{last['delta']:.3g}",
+            ]
+        )
+        acc_rows.append(
+            [str(site)]
+            + [f"{last['epsilon'][m]:.4f}" for m in MECHANISMS]
+            + [f"{last['guarantee']:.4f}"]
+        )
+        status = budget.get("sites", {}).get(str(site), {})
+        budget_rows.append(
+            [
+                str(site),
+                "none" if cap is None else f"{cap:g}",
+                f"{last['guarantee']:.4f}",
+                "yes" if status.get("within_budget", cap is None) else "NO",
+                "yes" if status.get("exhausted") else "no",
+            ]
+        )
+    return {
+        "Mechanisms and parameters": (
+            ["site", "mechanism", "σ", "sampling rate", "steps", "clip norm C", "δ"],
+            mech_rows,
+        ),
+        "Accountant comparison (cumulative ε at each site's δ)": (
+            ["site", "RDP (upper bound)", "PRV", "PLD", "guarantee = min(PRV, PLD)"],
+            acc_rows,
+        ),
+        "Budget status": (
+            ["site", "ε budget", "ε spent", "within budget", "refused a round"],
+            budget_rows,
+        ),
+    }
+
+
+def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
+    """Write `audit-report.html` and `audit-report.md` into `run_dir`; returns their paths
+    and the ledger problems found (empty when the ledger verifies)."""
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    records = Ledger(run_dir / "ledger.jsonl").records()
+    problems = verify_records(records)
+    sites = _site_histories(records)
+    tables = _tables(summary, sites)
+    plots = _plots(sites) if sites else {}
+    integrity = (
+        f"VERIFIED: {len(records)} ledger records, hash chain intact, every ε recomputed from "
+        "the raw parameters by RDP, PRV and PLD."
+        if not problems
+        else f"FAILED: {len(problems)} problems — " + "; ".join(problems)
+    )
+    facts = [
+        ("Run", summary["run_name"]),
+        (
+            "Status",
+            f"{summary['status']}, {summary['rounds_completed']}/"
+            f"{summary['rounds_planned']} rounds",
+        ),
+        ("Guarantee", summary["privacy"]["guarantee"]),
+        ("Ledger integrity", integrity),
+        ("Config SHA-256", config["config_hash"]),
+        (
+            "Sampling RNG",
+            "OS-seeded numpy (no cryptographically secure RNG: torchcsprng unavailable)",
+        ),
+        ("Package versions", ", ".join(f"{k} {v}" for k, v in summary["versions"].items())),
+    ]
+    md = _markdown(facts, tables, summary)
+    page = _html(facts, tables, plots, summary)
+    md_path, html_path = run_dir / "audit-report.md", run_dir / "audit-report.html"
+    md_path.write_text(md, encoding="utf-8")
+    html_path.write_text(page, encoding="utf-8")
+    return html_path, md_path, problems
+
+
+def _markdown(facts: list[tuple[str, str]], tables: dict[str, Any], summary: dict) -> str:
+    out = [f"# Privacy audit report: run {summary['run_name']}", ""]
+    out += [f"- **{k}**: {v}" for k, v in facts] + [""]
+    for title, (head, rows) in tables.items():
+        out += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    out += ["Plots: see audit-report.html.", ""]
+    return "\n".join(out)
+
+
+def _html(
+    facts: list[tuple[str, str]], tables: dict[str, Any], plots: dict[str, str], summary: dict
+) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Privacy audit: {esc(summary['run_name'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #bbb;"
+        "padding:4px 8px;text-align:right}th{background:#eee}dt{font-weight:bold}"
+        "dd{margin:0 0 .6em 1em}.bad{color:#b00}</style></head><body>",
+        f"<h1>Privacy audit report: run {esc(summary['run_name'])}</h1><dl>",
+    ]
+    for key, value in facts:
+        cls = " class='bad'" if value.startswith("FAILED") else ""
+        parts.append(f"<dt>{esc(key)}</dt><dd{cls}>{esc(value)}</dd>")
+    parts.append("</dl>")
+    for title, (head, rows) in tables.items():
+        parts.append(f"<h2>{esc(title)}</h2><table><tr>")
+        parts += [f"<th>{esc(h)}</th>" for h in head]
+        parts.append("</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    for title, key in (
+        ("Cumulative ε over rounds", "epsilon_over_rounds"),
+        ("ε(δ) curves", "epsilon_delta"),
+    ):
+        if key in plots:
+            parts.append(
+                f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{plots[key]}'>"
+            )
+    parts.append("</body></html>")
+    return "".join(parts)
