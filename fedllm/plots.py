@@ -26,7 +26,9 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
             ax_eps.plot(*zip(*([(0, 0.0)] + eps), strict=True), marker="o", label=f"site {site}")
     glob = [(r, v) for r, v in zip(rounds, summary["eval_loss"], strict=True) if v is not None]
     if glob:
-        ax_loss.plot(*zip(*glob, strict=True), color="black", linewidth=2.5, label="all sites")
+        ax_loss.plot(
+            *zip(*glob, strict=True), color="black", linewidth=2.5, marker="o", label="all sites"
+        )
     ax_loss.set(title="held-out loss of the global adapter", xlabel="round", ylabel="loss")
     ax_eps.set(
         title="cumulative ε per site (min of PRV, PLD; record-level)",

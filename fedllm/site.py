@@ -195,13 +195,14 @@ def run_train(
     """
     n = len(data.train)
     dp = None
+    report: dict[str, float | bool] = {}
     if cfg.privacy.enabled:
         sample_rate = min(1.0, cfg.train.batch_size / n)
         if not state.delta:
             state.delta = cfg.privacy.delta or default_delta(n)
         if not state.noise_multiplier:
             state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
-        check_budget(
+        report = check_budget(
             state.history,
             (state.noise_multiplier, sample_rate, cfg.train.local_steps),
             delta=state.delta,
@@ -231,10 +232,10 @@ def run_train(
         proximal_mu=proximal_mu,
         progress=progress,
     )
-    report: dict[str, float | bool] = {}
     if dp is not None:
         state.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
-        report = epsilon_report(state.history, delta=state.delta)
+        if result.steps != cfg.train.local_steps:  # the checked report assumed local_steps
+            report = epsilon_report(state.history, delta=state.delta)
         if report["disagree"]:
             log.warning(
                 "site %d: PRV (%.4f) and PLD (%.4f) disagree by more than %.2f epsilon",

@@ -140,6 +140,13 @@ class FederatedRun:
                 f"(run.min-sites = {self.cfg.run.min_sites}): {'; '.join(reasons) or 'no reply'}"
             )
         self.run = RunDir.create(self.cfg, self.state)
+        summary = self._save()
+        log(
+            INFO,
+            "fedllm: [round 0] initial adapter on %d sites | global eval loss %.4f",
+            ok,
+            summary["eval_loss"][0] if summary else float("nan"),
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def execute(self) -> None:

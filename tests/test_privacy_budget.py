@@ -41,7 +41,7 @@ def test_a_round_within_budget_returns_the_epsilon_it_would_reach() -> None:
     # Execute
     reached = check_budget([STEP], STEP, delta=DELTA, budget=after + 1e-9, site=2)
     # Assert
-    assert reached == pytest.approx(after)
+    assert reached["epsilon"] == pytest.approx(after)
 
 
 def test_a_round_past_the_budget_is_refused_naming_site_and_budget() -> None:

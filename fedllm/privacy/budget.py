@@ -26,22 +26,24 @@ def check_budget(
     delta: float,
     budget: float | None,
     site: int,
-) -> float:
-    """Return the ε the site would reach after `next_step`; raise if that exceeds `budget`.
+) -> dict[str, float | bool]:
+    """Return the ε report the site would reach after `next_step`; raise if past `budget`.
 
     Checked before training, with the same guarantee the ledger records (min of PRV and PLD),
-    so a site never releases an update that takes it past its budget.
+    so a site never releases an update that takes it past its budget. The report is the one
+    the site records after training (the round's steps are fixed), so it is computed once.
 
     Raises
     ------
     BudgetExceededError
         Naming the site, the ε it would reach and its budget.
     """
-    after = float(epsilon_report([*history, next_step], delta=delta)["epsilon"])
+    report = epsilon_report([*history, next_step], delta=delta)
+    after = float(report["epsilon"])
     if budget is not None and after > budget:
         spent = float(epsilon_report(history, delta=delta)["epsilon"]) if history else 0.0
         raise BudgetExceededError(
             f"site {site}: another round would take epsilon from {spent:.4f} to {after:.4f}, "
             f"past its budget of {budget:g}; it refuses to train."
         )
-    return after
+    return report
