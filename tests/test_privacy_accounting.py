@@ -13,10 +13,7 @@ from fedllm.privacy.accounting import (
     default_delta,
     epsilon,
     epsilon_report,
-    history_from_json,
-    history_to_json,
     make_accountant,
-    total_steps,
 )
 
 DELTA = 1e-5
@@ -128,24 +125,6 @@ def test_impossible_target_is_a_config_error() -> None:
         r"over 1000 steps",
     ):
         calibrate_noise(target_epsilon=0.01, delta=DELTA, sample_rate=0.01, steps=1000)
-
-
-def test_history_json_round_trip() -> None:
-    """A history survives JSON with its types; an empty text is an empty history."""
-    # Prepare
-    history = [(0.8, 0.05, 4), (1.2, 0.1, 2)]
-
-    # Execute
-    text = history_to_json(history)
-    again = history_from_json(text)
-
-    # Assert
-    assert text == "[[0.8, 0.05, 4], [1.2, 0.1, 2]]"
-    assert again == history
-    assert all(isinstance(n, int) for _, _, n in again)
-    assert history_from_json("") == []
-    assert history_from_json(history_to_json([])) == []
-    assert total_steps(again) == 6
 
 
 @pytest.mark.parametrize("n", [1, 10, 2000, 1_000_000])

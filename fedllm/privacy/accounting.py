@@ -8,7 +8,6 @@ privacy engine every round and so reports one round's ε.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 
 from fedllm.errors import ConfigError
@@ -21,8 +20,6 @@ __all__ = [
     "epsilon",
     "epsilon_curve",
     "epsilon_report",
-    "history_from_json",
-    "history_to_json",
     "make_accountant",
     "total_steps",
 ]
@@ -139,11 +136,3 @@ def default_delta(num_examples: int) -> float:
 
 def total_steps(history: History) -> int:
     return sum(int(n) for _, _, n in history)
-
-
-def history_to_json(history: History) -> str:
-    return json.dumps([[float(s), float(q), int(n)] for s, q, n in history])
-
-
-def history_from_json(text: str) -> History:
-    return [(float(s), float(q), int(n)) for s, q, n in json.loads(text)] if text else []
