@@ -106,15 +106,9 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 
 
 def _run_config(config: dict[str, Any]) -> Any:
-    from fedllm.config import FedllmConfig, parse_config
+    from fedllm.config import flatten, parse_config
 
-    flat = {
-        f"{section}.{name.replace('_', '-')}": value
-        for section, values in config["config"].items()
-        for name, value in values.items()
-    }
-    cfg: FedllmConfig = parse_config(flat)
-    return cfg
+    return parse_config(flatten(config["config"]))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "StrategyConfig",
     "TrainConfig",
     "config_hash",
+    "flatten",
     "parse_config",
 ]
 
@@ -287,11 +288,16 @@ class FedllmConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """The flat dotted form Flower uses (`privacy.noise-multiplier`)."""
-        return {
-            f"{section}.{name.replace('_', '-')}": value
-            for section, values in self.to_dict().items()
-            for name, value in values.items()
-        }
+        return flatten(self.to_dict())
+
+
+def flatten(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`{"privacy": {"noise_multiplier": 1}}` -> `{"privacy.noise-multiplier": 1}`."""
+    return {
+        f"{section}.{name.replace('_', '-')}": value
+        for section, values in nested.items()
+        for name, value in values.items()
+    }
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
