@@ -7,6 +7,7 @@ import platform
 from typing import Any
 
 from fedllm.config import FedllmConfig, config_hash
+from fedllm.privacy.budget import effective_budget
 
 __all__ = ["build_summary", "package_versions", "render_table", "weighted_mean"]
 
@@ -103,7 +104,9 @@ def _budget_status(
     cfg: FedllmConfig, spent: dict[str, float | None], refused: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Per site: the run's cap, what was spent, and whether the site ran out."""
-    cap = cfg.privacy.epsilon_max or cfg.privacy.target_epsilon or None
+    cap = effective_budget(
+        epsilon_max=cfg.privacy.epsilon_max, target_epsilon=cfg.privacy.target_epsilon
+    )
     exhausted = {str(r["site"]) for r in refused}
     return {
         "epsilon_max": cap,
