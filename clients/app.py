@@ -101,7 +101,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         refusal = MetricRecord({"site": data.site, "refused": 1, "num-examples": 0})
         reason = ConfigRecord({"reason": str(e)})
         return Message(content=RecordDict({"metrics": refusal, "refusal": reason}), reply_to=msg)
-    if cfg.privacy.enabled:
+    if cfg.privacy.record_level:
         # The spend is durable at the site before the update leaves it.
         server_round = int(config.get("server-round", 0))
         ledger.append(spend_record(cfg, out, site=data.site, server_round=server_round))
@@ -117,7 +117,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
             "delta": out.delta,
             "noise-multiplier": out.noise_multiplier,
             "sample-rate": out.sample_rate,
-            "max-grad-norm": cfg.privacy.max_grad_norm if cfg.privacy.enabled else 0.0,
+            "max-grad-norm": cfg.privacy.max_grad_norm if cfg.privacy.record_level else 0.0,
             **{f"epsilon-{m}": float(out.epsilons.get(m, float("inf"))) for m in MECHANISMS},
         }
     )

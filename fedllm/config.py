@@ -41,7 +41,8 @@ STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox"
 ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 PARTITIONERS = ("by-category", "iid", "dirichlet")
-PRIVACY_MODES = ("record", "none")
+PRIVACY_MODES = ("record", "user", "record+user", "none")
+USER_CLIPPING = ("fixed", "adaptive")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -172,11 +173,19 @@ class TrainConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Record-level DP-SGD (Opacus) at every site."""
+    """Record-level DP-SGD (Opacus) at every site and/or user-level DP-FedAvg at the server.
+
+    The two guarantees protect different units (one example vs. one site's whole dataset)
+    and are accounted, recorded and reported separately, never combined into one number.
+    """
 
     mode: str = field(
         default="record",
-        metadata=_help("record: DP-SGD on every site; none: no formal guarantee", PRIVACY_MODES),
+        metadata=_help(
+            "record: DP-SGD at every site; user: DP-FedAvg over whole sites; record+user: both, "
+            "reported separately; none: no formal guarantee",
+            PRIVACY_MODES,
+        ),
     )
     noise_multiplier: float = field(
         default=0.8, metadata=_help("sigma; ignored when target-epsilon is set")
@@ -200,9 +209,65 @@ class PrivacyConfig:
     grad_sample_mode: str = field(
         default="hooks", metadata=_help("Opacus per-sample gradients", GRAD_SAMPLE_MODES)
     )
+    user_noise_multiplier: float = field(
+        default=1.0, metadata=_help("user-level z: noise std = z * clip on the sum of updates")
+    )
+    user_clip: float = field(
+        default=1.0, metadata=_help("user-level L2 clip S of a site's whole update (initial S)")
+    )
+    user_clipping: str = field(
+        default="fixed", metadata=_help("fixed S, or adaptive (Andrew et al. 2021)", USER_CLIPPING)
+    )
+    user_target_quantile: float = field(
+        default=0.5, metadata=_help("adaptive: share of updates meant to fall under S")
+    )
+    user_clip_learning_rate: float = field(
+        default=0.2, metadata=_help("adaptive: geometric step size of S per round")
+    )
+    user_count_stddev: float = field(
+        default=0.0,
+        metadata=_help("adaptive: noise std on the unclipped count; 0: expected sites / 20"),
+    )
+    user_delta: float = field(default=1e-5, metadata=_help("user-level delta"))
+    user_epsilon_max: float = field(
+        default=0.0, metadata=_help("user-level epsilon budget of the run; 0: none")
+    )
 
     def __post_init__(self) -> None:
-        if self.mode == "none":
+        if self.user_level:
+            _require(
+                self.user_noise_multiplier > 0,
+                "privacy.user-noise-multiplier",
+                self.user_noise_multiplier,
+                "must be > 0 in user-level mode",
+            )
+            _require(self.user_clip > 0, "privacy.user-clip", self.user_clip, "must be > 0")
+            _require(
+                0 < self.user_target_quantile < 1,
+                "privacy.user-target-quantile",
+                self.user_target_quantile,
+                "must be in (0, 1)",
+            )
+            _require(
+                self.user_clip_learning_rate > 0,
+                "privacy.user-clip-learning-rate",
+                self.user_clip_learning_rate,
+                "must be > 0",
+            )
+            _require(
+                self.user_count_stddev >= 0,
+                "privacy.user-count-stddev",
+                self.user_count_stddev,
+                "must be >= 0",
+            )
+            _require(0 < self.user_delta < 1, "privacy.user-delta", self.user_delta, "in (0, 1)")
+            _require(
+                self.user_epsilon_max >= 0,
+                "privacy.user-epsilon-max",
+                self.user_epsilon_max,
+                "must be >= 0 (0 = no budget)",
+            )
+        if not self.record_level:
             return
         _require(
             self.noise_multiplier >= 0,
@@ -220,8 +285,14 @@ class PrivacyConfig:
         _require(0 <= self.delta < 1, "privacy.delta", self.delta, "must be in [0, 1)")
 
     @property
-    def enabled(self) -> bool:
-        return self.mode == "record"
+    def record_level(self) -> bool:
+        """DP-SGD at every site (example-level guarantee)."""
+        return self.mode in ("record", "record+user")
+
+    @property
+    def user_level(self) -> bool:
+        """DP-FedAvg at the server (site-level guarantee)."""
+        return self.mode in ("user", "record+user")
 
 
 @dataclass

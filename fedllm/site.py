@@ -196,7 +196,7 @@ def run_train(
     n = len(data.train)
     dp = None
     report: dict[str, float | bool] = {}
-    if cfg.privacy.enabled:
+    if cfg.privacy.record_level:
         sample_rate = min(1.0, cfg.train.batch_size / n)
         if not state.delta:
             state.delta = cfg.privacy.delta or default_delta(n)
@@ -207,7 +207,7 @@ def run_train(
             (state.noise_multiplier, sample_rate, cfg.train.local_steps),
             delta=state.delta,
             budget=budget,
-            site=data.site,
+            who=f"site {data.site}",
         )
         dp = DPSettings(
             noise_multiplier=state.noise_multiplier,

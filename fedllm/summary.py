@@ -75,19 +75,16 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "epsilon_by_accountant": _by_accountant(trains),
         "privacy": {
             "mode": cfg.privacy.mode,
-            "guarantee": (
-                "record-level (example) DP per site, (epsilon, delta) over the whole run"
-                if cfg.privacy.enabled
-                else "none"
-            ),
+            "guarantee": _guarantee_text(cfg),
             "accountant": "min(PRV, PLD); RDP kept as an upper bound",
             "calibration_accountant": cfg.privacy.accountant,
             "ledger": "ledger.jsonl (hash-chained; check with `fedllm audit verify`)",
             "noise_multiplier": _site_sigma(trains),
-            "max_grad_norm": cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
-            "sampling": "poisson" if cfg.privacy.enabled else "shuffled batches",
+            "max_grad_norm": cfg.privacy.max_grad_norm if cfg.privacy.record_level else None,
+            "sampling": "poisson" if cfg.privacy.record_level else "shuffled batches",
             "secure_rng": False,
         },
+        "user_level": _user_level(cfg, state),
         "bytes_per_round": state.get("bytes", []),
         "round_seconds": state.get("round_seconds", []),
         "rejected_updates": state.get("rejected", []),
@@ -97,6 +94,42 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "adapter": state.get("adapter", {}),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
+    }
+
+
+def _guarantee_text(cfg: FedllmConfig) -> str:
+    parts = []
+    if cfg.privacy.record_level:
+        parts.append("record-level (example) DP per site, (epsilon, delta) over the whole run")
+    if cfg.privacy.user_level:
+        parts.append(
+            "user-level (whole-site) DP for the run, in `user_level`, never combined with it"
+        )
+    return "; ".join(parts) or "none"
+
+
+def _user_level(cfg: FedllmConfig, state: dict[str, Any]) -> dict[str, Any] | None:
+    """User-level DP-FedAvg: its own ε, δ and parameters (never mixed with record-level ε)."""
+    if not cfg.privacy.user_level:
+        return None
+    p = cfg.privacy
+    rounds = state.get("user_dp", {}).get("rounds", [])
+    last = rounds[-1] if rounds else {}
+    cap = p.user_epsilon_max or None
+    spent = last.get("epsilon")
+    return {
+        "mechanism": "DP-FedAvg (Gaussian), add/remove one site's whole dataset",
+        "epsilon": spent,
+        "delta": p.user_delta,
+        "epsilon_by_accountant": last.get("epsilon_by_accountant", {}),
+        "noise_multiplier": p.user_noise_multiplier,
+        "clipping": p.user_clipping,
+        "clip_norm": [r["clip_norm"] for r in rounds],
+        "sample_rate": cfg.strategy.fraction_train,
+        "sampling": "poisson (sites)",
+        "epsilon_max": cap,
+        "within_budget": cap is None or spent is None or spent <= cap,
+        "rounds": rounds,
     }
 
 

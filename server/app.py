@@ -14,15 +14,17 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import FedllmConfig, parse_config
-from fedllm.errors import FedllmError, InvalidUpdateError
+from fedllm.errors import BudgetExceededError, FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
-from fedllm.privacy.accounting import MECHANISMS
-from fedllm.privacy.ledger import Ledger, dp_sgd_entry
+from fedllm.privacy.accounting import MECHANISMS, History
+from fedllm.privacy.budget import check_budget
+from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
+from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir
 from fedllm.summary import build_summary, render_table
@@ -73,6 +75,19 @@ def _error_reason(text: str | None) -> str:
 app = create_app()
 
 
+def _dp_label(cfg: FedllmConfig) -> str:
+    parts = []
+    if cfg.privacy.record_level:
+        parts.append(f"record-level sigma={cfg.privacy.noise_multiplier}")
+    if cfg.privacy.user_level:
+        p = cfg.privacy
+        parts.append(
+            f"user-level z={p.user_noise_multiplier} S={p.user_clip} ({p.user_clipping}) "
+            f"q={cfg.strategy.fraction_train}"
+        )
+    return " + ".join(parts) or "off"
+
+
 class FederatedRun:
     """State of one run on the server: the global adapter and what each round recorded.
 
@@ -90,6 +105,9 @@ class FederatedRun:
         self.expected = {n: spec.shapes[n] for n in spec.sent}
         self.arrays = {n: self.full[n] for n in spec.sent}
         self.num_sites = 0
+        self.user_dp: UserDPSettings | None = None
+        self._user_report: dict[str, float | bool] = {}
+        self.rng = secure_rng()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, kind: str, server_round: int, site: str, metrics: dict[str, Any]) -> None:
@@ -154,6 +172,8 @@ class FederatedRun:
         self._resume()
         self._wait_for_sites()
         strategy = build_strategy(cfg, num_sites=self.num_sites)
+        if cfg.privacy.user_level:
+            self.user_dp = self._user_dp_settings()
         self.state["adapter"] = {
             "ffa": cfg.lora.ffa,
             "sent_tensors": len(self.arrays),
@@ -167,7 +187,7 @@ class FederatedRun:
             RunDir.path_for(cfg),
             self.num_sites,
             cfg.strategy.name,
-            f"sigma={cfg.privacy.noise_multiplier}" if cfg.privacy.enabled else "off",
+            _dp_label(cfg),
             len(self.arrays),
             self.state["adapter"]["sent_parameters"],
         )
@@ -258,7 +278,24 @@ class FederatedRun:
                 server_round, arrays_to_record(self.arrays), self._config(server_round), self.grid
             )
         )
-        replies = self._send(messages, "train", server_round)
+        if self.user_dp is not None:
+            if not self._user_budget_allows(server_round):
+                return False
+            keep = set(
+                poisson_sample(
+                    [m.metadata.dst_node_id for m in messages], self.user_dp.sample_rate, self.rng
+                )
+            )
+            messages = [m for m in messages if m.metadata.dst_node_id in keep]
+            log(
+                INFO,
+                "fedllm: [round %d] user-level DP: %d of %d sites sampled (q=%g)",
+                server_round,
+                len(messages),
+                self.num_sites,
+                self.user_dp.sample_rate,
+            )
+        replies = self._send(messages, "train", server_round) if messages else []
         valid = []
         for reply in replies:
             sender = f"node {reply.metadata.src_node_id}"
@@ -286,7 +323,10 @@ class FederatedRun:
                 continue
             self._record("trains", server_round, str(int(metrics["site"])), metrics)
             valid.append(reply)
-        if len(valid) < self.cfg.run.min_sites:
+        needed = self.cfg.run.min_sites
+        if self.user_dp is not None:  # Poisson sampling may pick fewer sites by design
+            needed = min(needed, len(messages))
+        if len(valid) < needed:
             refused = sum(1 for r in self.state.get("refused", []) if r["round"] == server_round)
             reason = (
                 f"round {server_round}: only {len(valid)} valid updates ({refused} sites refused "
@@ -296,6 +336,12 @@ class FederatedRun:
             log(ERROR, "fedllm: %s", reason)
             self.state.update(status="stopped", stop_reason=reason)
             return False
+        if self.user_dp is not None:
+            valid = [
+                self._user_dp_aggregate(
+                    server_round, valid, [m.metadata.dst_node_id for m in messages]
+                )
+            ]
         arrays, _ = strategy.aggregate_train(server_round, valid)
         self.arrays = {
             k: np.asarray(v, dtype=np.float32) for k, v in record_to_arrays(arrays).items()
@@ -305,7 +351,7 @@ class FederatedRun:
     def _ledger_spend(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Record a site's reported spend, whether or not its update is then accepted:
         the site trained, so the privacy was spent."""
-        if not self.cfg.privacy.enabled or "epsilon-prv" not in metrics:
+        if not self.cfg.privacy.record_level or "epsilon-prv" not in metrics:
             return
         entry = dp_sgd_entry(
             run_id=self.cfg.run.name,
@@ -319,6 +365,116 @@ class FederatedRun:
             epsilons={m: metrics[f"epsilon-{m}"] for m in MECHANISMS},
         )
         Ledger(self.run.path / LEDGER_FILE).append(entry)
+
+    # -- user-level DP (DP-FedAvg at the server) ---------------------------------------------
+    def _user_dp_settings(self) -> UserDPSettings:
+        p = self.cfg.privacy
+        return UserDPSettings(
+            noise_multiplier=p.user_noise_multiplier,
+            clip_norm=p.user_clip,
+            sample_rate=self.cfg.strategy.fraction_train,
+            num_sites=self.num_sites,
+            adaptive=p.user_clipping == "adaptive",
+            target_quantile=p.user_target_quantile,
+            clip_learning_rate=p.user_clip_learning_rate,
+            count_stddev=p.user_count_stddev,
+        )
+
+    def _user_history(self) -> History:
+        """The run's user-level steps so far, read back from the run ledger (the source of
+        truth: a resumed run continues it without counting a round twice)."""
+        if self.run is None:
+            return []
+        records = Ledger(self.run.path / LEDGER_FILE).records()
+        return [
+            (r["noise_multiplier"], r["sample_rate"], r["steps"])
+            for r in records
+            if r.get("mechanism") == USER_GAUSSIAN
+        ]
+
+    def _user_budget_allows(self, server_round: int) -> bool:
+        """Refuse a round that would take the user-level ε past its budget (stop cleanly)."""
+        assert self.user_dp is not None
+        p = self.cfg.privacy
+        try:
+            self._user_report = check_budget(
+                self._user_history(),
+                (self.user_dp.noise_multiplier, self.user_dp.sample_rate, 1),
+                delta=p.user_delta,
+                budget=p.user_epsilon_max or None,
+                who="user-level DP (every site)",
+            )
+        except BudgetExceededError as e:
+            reason = f"round {server_round}: {e} The run stops with the last global adapter."
+            log(ERROR, "fedllm: %s", reason)
+            self.state.update(status="stopped", stop_reason=reason)
+            return False
+        return True
+
+    def _user_dp_aggregate(
+        self, server_round: int, replies: list[Message], sampled: list[int]
+    ) -> Message:
+        """Clip each site's delta, noise the sum, record the spend, and hand the strategy one
+        reply holding global + noisy mean (FedAdam & co. then treat it as post-processing)."""
+        assert self.user_dp is not None and self.run is not None
+        user = self.state.setdefault("user_dp", {})
+        clip = float(user.get("clip_norm", self.cfg.privacy.user_clip))
+        deltas = [
+            {n: v - self.arrays[n] for n, v in record_to_arrays(r.content["arrays"]).items()}
+            for r in replies
+        ]
+        out = noisy_mean_update(deltas, self.expected, self.user_dp, clip, self.rng)
+        report = self._user_report
+        sites = sorted(int(r.content["metrics"]["site"]) for r in replies)
+        entry = user_dp_entry(
+            run_id=self.cfg.run.name,
+            server_round=server_round,
+            noise_multiplier=self.user_dp.noise_multiplier,
+            update_noise_multiplier=self.user_dp.update_noise_multiplier,
+            sample_rate=self.user_dp.sample_rate,
+            clip_norm=clip,
+            clipping=self.cfg.privacy.user_clipping,
+            sampled_sites=sites,
+            contributors=out.contributors,
+            expected_sites=self.user_dp.expected_sites,
+            delta=self.cfg.privacy.user_delta,
+            epsilons={m: float(report[m]) for m in MECHANISMS},
+        )
+        # Durable before the noisy aggregate exists anywhere but in this process.
+        Ledger(self.run.path / LEDGER_FILE).append(entry)
+        user["clip_norm"] = out.next_clip_norm
+        user.setdefault("rounds", []).append(
+            {
+                "round": server_round,
+                "sampled": len(sampled),
+                "contributors": out.contributors,
+                "clipped": out.clipped,
+                "clip_norm": clip,
+                "update_norms": [round(x, 6) for x in out.norms],
+                "noise_std": out.update_noise_std,
+                "epsilon": float(report["epsilon"]),
+                "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS},
+            }
+        )
+        log(
+            INFO,
+            "fedllm: [round %d] user-level DP: %d updates clipped to %.4g (%d were larger), "
+            "noise std %.4g per coordinate, user-level epsilon %.4f (delta %g)",
+            server_round,
+            out.contributors,
+            clip,
+            out.clipped,
+            out.update_noise_std,
+            float(report["epsilon"]),
+            self.cfg.privacy.user_delta,
+        )
+        noisy = {n: self.arrays[n] + out.mean_update[n] for n in self.arrays}
+        content = RecordDict(
+            {"arrays": arrays_to_record(noisy), "metrics": MetricRecord({"num-examples": 1})}
+        )
+        return Message(
+            content=content, dst_node_id=sampled[0] if sampled else 0, message_type="train"
+        )
 
     def _evaluate(self, strategy: Any, server_round: int) -> None:
         messages = list(

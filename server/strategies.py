@@ -16,10 +16,15 @@ from fedllm.config import FedllmConfig
 
 
 def build_strategy(cfg: FedllmConfig, *, num_sites: int) -> Strategy:
-    """Example-weighted FedAvg (arXiv 1602.05629) or one of Flower's server optimisers."""
+    """Example-weighted FedAvg (arXiv 1602.05629) or one of Flower's server optimisers.
+
+    Under user-level DP the strategy configures every site and the run loop Poisson-samples
+    them itself (`fedllm.privacy.userdp`): fixed-size sampling is not what the accountants
+    assume, and the strategy only applies the already-noised mean update.
+    """
     s = cfg.strategy
     common = {
-        "fraction_train": s.fraction_train,
+        "fraction_train": 1.0 if cfg.privacy.user_level else s.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": cfg.run.min_sites,
         "min_evaluate_nodes": min(cfg.run.min_sites, num_sites),

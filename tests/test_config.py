@@ -55,7 +55,7 @@ def test_empty_mapping_gives_the_defaults() -> None:
     assert cfg.lora.modules == ["q_proj", "v_proj"]
     assert cfg.privacy.noise_multiplier == 0.8
     assert cfg.privacy.accountant == "prv"
-    assert cfg.privacy.enabled is True
+    assert cfg.privacy.record_level is True
     assert cfg.strategy.name == "fedavg"
 
 

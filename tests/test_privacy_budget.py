@@ -39,7 +39,7 @@ def test_a_round_within_budget_returns_the_epsilon_it_would_reach() -> None:
     # Prepare
     after = float(epsilon_report([STEP, STEP], delta=DELTA)["epsilon"])
     # Execute
-    reached = check_budget([STEP], STEP, delta=DELTA, budget=after + 1e-9, site=2)
+    reached = check_budget([STEP], STEP, delta=DELTA, budget=after + 1e-9, who="site 2")
     # Assert
     assert reached["epsilon"] == pytest.approx(after)
 
@@ -50,4 +50,4 @@ def test_a_round_past_the_budget_is_refused_naming_site_and_budget() -> None:
     after = float(epsilon_report([STEP, STEP], delta=DELTA)["epsilon"])
     # Execute / Assert
     with pytest.raises(BudgetExceededError, match=r"site 2: another round would take epsilon"):
-        check_budget([STEP], STEP, delta=DELTA, budget=after - 1e-3, site=2)
+        check_budget([STEP], STEP, delta=DELTA, budget=after - 1e-3, who="site 2")

@@ -25,7 +25,7 @@ def check_budget(
     *,
     delta: float,
     budget: float | None,
-    site: int,
+    who: str,
 ) -> dict[str, float | bool]:
     """Return the ε report the site would reach after `next_step`; raise if past `budget`.
 
@@ -36,14 +36,14 @@ def check_budget(
     Raises
     ------
     BudgetExceededError
-        Naming the site, the ε it would reach and its budget.
+        Naming `who` (a site, or the user-level mechanism), the ε it would reach and the budget.
     """
     report = epsilon_report([*history, next_step], delta=delta)
     after = float(report["epsilon"])
     if budget is not None and after > budget:
         spent = float(epsilon_report(history, delta=delta)["epsilon"]) if history else 0.0
         raise BudgetExceededError(
-            f"site {site}: another round would take epsilon from {spent:.4f} to {after:.4f}, "
+            f"{who}: another round would take epsilon from {spent:.4f} to {after:.4f}, "
             f"past its budget of {budget:g}; it refuses to train."
         )
     return report

@@ -23,15 +23,22 @@ from fedllm.errors import FedllmError
 __all__ = [
     "DP_SGD",
     "GENESIS",
+    "MECHANISM_NAMES",
+    "USER_GAUSSIAN",
+    "USER_SITE",
     "Ledger",
     "LedgerError",
     "dp_sgd_entry",
     "record_hash",
+    "user_dp_entry",
     "verify_chain",
 ]
 
 GENESIS = "0" * 64
 DP_SGD = "dp-sgd"
+USER_GAUSSIAN = "user-gaussian"
+USER_SITE = "all"  # a user-level record protects every site alike
+MECHANISM_NAMES = (DP_SGD, USER_GAUSSIAN)
 
 
 class LedgerError(FedllmError):
@@ -133,6 +140,40 @@ def verify_chain(records: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _spend_entry(
+    *,
+    run_id: str,
+    server_round: int,
+    site: int | str,
+    mechanism: str,
+    level: str,
+    neighbouring: str,
+    sampling: str,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    epsilons: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "round": int(server_round),
+        "site": site,
+        "mechanism": mechanism,
+        "level": level,
+        "neighbouring": neighbouring,
+        "noise_multiplier": float(noise_multiplier),
+        "sample_rate": float(sample_rate),
+        "sampling": sampling,
+        "steps": int(steps),
+        **extra,
+        "delta": float(delta),
+        "epsilon": {k: float(v) for k, v in epsilons.items()},
+        "guarantee": min(float(epsilons["prv"]), float(epsilons["pld"])),
+    }
+
+
 def dp_sgd_entry(
     *,
     run_id: str,
@@ -150,19 +191,61 @@ def dp_sgd_entry(
     The raw parameters are enough to recompute every ε (`fedllm audit verify` does), so the
     ε fields are claims to check, not facts to trust.
     """
-    return {
-        "run_id": run_id,
-        "round": int(server_round),
-        "site": int(site),
-        "mechanism": DP_SGD,
-        "level": "record",
-        "neighbouring": "add/remove one example",
-        "noise_multiplier": float(noise_multiplier),
-        "sample_rate": float(sample_rate),
-        "sampling": "poisson",
-        "steps": int(steps),
-        "max_grad_norm": float(max_grad_norm),
-        "delta": float(delta),
-        "epsilon": {k: float(v) for k, v in epsilons.items()},
-        "guarantee": min(float(epsilons["prv"]), float(epsilons["pld"])),
-    }
+    return _spend_entry(
+        run_id=run_id,
+        server_round=server_round,
+        site=int(site),
+        mechanism=DP_SGD,
+        level="record",
+        neighbouring="add/remove one example",
+        sampling="poisson",
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=float(max_grad_norm),
+        delta=delta,
+        epsilons=epsilons,
+    )
+
+
+def user_dp_entry(
+    *,
+    run_id: str,
+    server_round: int,
+    noise_multiplier: float,
+    update_noise_multiplier: float,
+    sample_rate: float,
+    clip_norm: float,
+    clipping: str,
+    sampled_sites: list[int],
+    contributors: int,
+    expected_sites: float,
+    delta: float,
+    epsilons: dict[str, float],
+) -> dict[str, Any]:
+    """One round of user-level DP-FedAvg at the server: one Poisson-sampled Gaussian step.
+
+    `noise_multiplier` is the effective z the accountants compose (with adaptive clipping it
+    covers both the update and the clipped-count query); `update_noise_multiplier` is the z_Δ
+    actually applied to the sum of updates.
+    """
+    return _spend_entry(
+        run_id=run_id,
+        server_round=server_round,
+        site=USER_SITE,
+        mechanism=USER_GAUSSIAN,
+        level="user",
+        neighbouring="add/remove one site's whole dataset",
+        sampling="poisson (sites)",
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=1,
+        update_noise_multiplier=float(update_noise_multiplier),
+        clip_norm=float(clip_norm),
+        clipping=clipping,
+        sampled_sites=[int(x) for x in sampled_sites],
+        contributors=int(contributors),
+        expected_sites=float(expected_sites),
+        delta=delta,
+        epsilons=epsilons,
+    )

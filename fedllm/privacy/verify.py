@@ -1,7 +1,9 @@
 """Check a privacy ledger without trusting whoever wrote it: the hash chain, and every ε.
 
-Each DP-SGD record's cumulative ε is recomputed from the raw parameters (σ, q, steps, δ) of
-that site's records up to it, by every accountant, and compared with what was claimed.
+Each spend record's cumulative ε is recomputed from the raw parameters (σ, q, steps, δ) of
+the records before it in the same history, by every accountant, and compared with what was
+claimed. A history is one (run, mechanism, site): a site's record-level DP-SGD, or the run's
+user-level DP-FedAvg; the two are never composed together.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 from typing import Any
 
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
-from fedllm.privacy.ledger import DP_SGD, verify_chain
+from fedllm.privacy.ledger import MECHANISM_NAMES, verify_chain
 
 __all__ = ["plausible", "verify_records"]
 
@@ -25,7 +27,7 @@ def _close(claimed: Any, actual: float) -> bool:
 
 
 def plausible(record: dict[str, Any]) -> bool:
-    """Whether a DP-SGD record's raw parameters are ones an accountant can take at all."""
+    """Whether a spend record's raw parameters are ones an accountant can take at all."""
     try:
         sigma, q = float(record["noise_multiplier"]), float(record["sample_rate"])
         steps, delta = int(record["steps"]), float(record["delta"])
@@ -37,17 +39,22 @@ def plausible(record: dict[str, Any]) -> bool:
 def verify_records(records: list[dict[str, Any]]) -> list[str]:
     """Every problem found, each naming its record; an empty list means the ledger holds."""
     problems = verify_chain(records)
-    histories: dict[tuple[str, int], History] = {}
-    deltas: dict[tuple[str, int], float] = {}
+    histories: dict[tuple[str, str, str], History] = {}
+    deltas: dict[tuple[str, str, str], float] = {}
     for index, record in enumerate(records, start=1):
-        if record.get("mechanism") != DP_SGD:
+        if record.get("mechanism") not in MECHANISM_NAMES:
+            if "mechanism" in record:
+                problems.append(
+                    f"record {index} (seq {record.get('seq', '?')}): unknown mechanism "
+                    f"{record['mechanism']!r}; no epsilon can be checked."
+                )
             continue
         label = (
             f"record {index} (seq {record.get('seq', '?')}, site {record.get('site')}, "
             f"round {record.get('round')})"
         )
         try:
-            key = (str(record["run_id"]), int(record["site"]))
+            key = (str(record["run_id"]), str(record["mechanism"]), str(record["site"]))
             step = (
                 float(record["noise_multiplier"]),
                 float(record["sample_rate"]),

@@ -1,0 +1,202 @@
+"""User-level (client-level) DP-FedAvg: clip each site's whole update, noise the sum (pure maths).
+
+This is DP-FedAvg with the fixed-denominator estimator (McMahan et al. 2018, arXiv 1710.06963)
+and optional adaptive clipping (Andrew et al. 2021, arXiv 1905.03871). Each round every site
+is sampled independently with probability q (Poisson sampling of sites), each sampled site's
+update Δ_i = local − global is clipped to L2 norm S, and
+
+    noisy mean = (Σ clip(Δ_i) + N(0, z_Δ² S² I)) / (q · N)
+
+Dividing by the *expected* number of sites q·N, not by how many replied, is what keeps the
+sensitivity at S / (q·N) whatever happens: a site that drops out, refuses or is rejected only
+shrinks the sum, never the noise, so nothing is over-claimed. Each site counts once (equal
+weights): weighting by example counts would let one big site's update move the mean by more
+than S / (q·N).
+
+Why not Flower's `DifferentialPrivacy*Clipping` wrappers as they are: they divide by the
+number of replies (the inner strategy's weighted mean) while adding noise scaled to a fixed
+`num_sampled_clients`, they sample a fixed number of nodes (the Poisson-sampled Gaussian
+accountants do not cover that), and they draw noise from numpy's global, seedable RNG. We do
+reuse their helpers: `compute_adaptive_noise_params` (the noise split between the update and
+the clipped-count query) and `clip_inputs_inplace`/`get_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedllm.errors import ConfigError
+
+__all__ = [
+    "UserDPRound",
+    "UserDPSettings",
+    "clip_update",
+    "noisy_mean_update",
+    "poisson_sample",
+    "secure_rng",
+    "update_clip_norm",
+]
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def secure_rng() -> np.random.Generator:
+    """A generator seeded from the OS entropy pool: DP noise must not be reproducible from
+    anything in the config (a seeded RNG would let anyone who knows the seed subtract it)."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+@dataclass(frozen=True)
+class UserDPSettings:
+    """One run's user-level mechanism, with the noise split adaptive clipping needs.
+
+    `noise_multiplier` is the effective z the accountant sees. With adaptive clipping part of
+    the privacy goes to the noisy count of unclipped updates (std `count_stddev`), so the
+    update itself gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2) > z (Andrew et al., Thm 1); the
+    composition of both queries is exactly a Gaussian mechanism with multiplier z.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    num_sites: int
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_stddev: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ConfigError(
+                f"config key 'privacy.user-noise-multiplier' = {self.noise_multiplier} must be "
+                "> 0 for user-level DP; use privacy.mode = 'record' or 'none' instead."
+            )
+        if self.num_sites < 1:
+            raise ConfigError("user-level DP needs at least one connected site.")
+        if self.adaptive:
+            self.update_noise_multiplier  # noqa: B018 - validates the noise split early
+
+    @property
+    def expected_sites(self) -> float:
+        """q·N, the fixed denominator of the mean."""
+        return self.sample_rate * self.num_sites
+
+    @property
+    def count_noise(self) -> float:
+        """σ_b: Flower's default is expected sites / 20, as Andrew et al. recommend."""
+        if not self.adaptive:
+            return 0.0
+        return self.count_stddev if self.count_stddev > 0 else self.expected_sites / 20
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """z_Δ, the multiplier applied to the update sum (equals z with fixed clipping)."""
+        if not self.adaptive:
+            return self.noise_multiplier
+        from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+        if self.noise_multiplier >= 2 * self.count_noise:
+            raise ConfigError(
+                f"config key 'privacy.user-count-stddev' = {self.count_noise:g} is too small for "
+                f"adaptive clipping at privacy.user-noise-multiplier = {self.noise_multiplier}: "
+                f"it must exceed z/2 = {self.noise_multiplier / 2:g} (with "
+                f"{self.expected_sites:g} expected sites the default is sites/20)."
+            )
+        _, z_delta = compute_adaptive_noise_params(
+            self.noise_multiplier, self.expected_sites, self.count_noise
+        )
+        return float(z_delta)
+
+
+@dataclass(frozen=True)
+class UserDPRound:
+    """What one round of the mechanism did, for the ledger and the summary."""
+
+    mean_update: dict[str, np.ndarray]
+    clip_norm: float
+    next_clip_norm: float
+    contributors: int
+    clipped: int
+    update_noise_std: float
+    norms: tuple[float, ...]
+
+
+def clip_update(update: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled down to L2 norm at most `clip_norm` (over all tensors), and its norm."""
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+    names = list(update)
+    values = [np.array(update[n], dtype=np.float64) for n in names]
+    norm = float(get_norm(values))
+    clip_inputs_inplace(values, clip_norm)
+    return dict(zip(names, values, strict=True)), norm
+
+
+def poisson_sample(
+    candidates: Sequence[int], sample_rate: float, rng: np.random.Generator
+) -> list[int]:
+    """Each candidate kept independently with probability `sample_rate` (may keep none)."""
+    if sample_rate >= 1.0:
+        return list(candidates)
+    return [c for c in candidates if rng.random() < sample_rate]
+
+
+def update_clip_norm(
+    settings: UserDPSettings,
+    clip_norm: float,
+    unclipped: int,
+    rng: np.random.Generator,
+) -> float:
+    """Andrew et al.'s geometric step towards the target quantile, from a noisy count.
+
+    The count of updates at or below the norm is noised with σ_b and divided by the expected
+    number of sites (fixed denominator again), then C ← C · exp(−η (b̄ − γ)).
+    """
+    noisy_fraction = (unclipped + rng.normal(0.0, settings.count_noise)) / settings.expected_sites
+    return clip_norm * math.exp(
+        -settings.clip_learning_rate * (noisy_fraction - settings.target_quantile)
+    )
+
+
+def noisy_mean_update(
+    updates: Sequence[Arrays],
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: UserDPSettings,
+    clip_norm: float,
+    rng: np.random.Generator,
+) -> UserDPRound:
+    """One round of DP-FedAvg over the sampled sites' updates (deltas from the global adapter).
+
+    `updates` may be empty (no site sampled, or all dropped): the noise alone is released, as
+    the mechanism's analysis requires.
+    """
+    total = {n: np.zeros(shape, dtype=np.float64) for n, shape in shapes.items()}
+    norms, unclipped = [], 0
+    for update in updates:
+        clipped, norm = clip_update(update, clip_norm)
+        norms.append(norm)
+        unclipped += int(norm <= clip_norm)
+        for n in total:
+            total[n] += clipped[n]
+    std = settings.update_noise_multiplier * clip_norm
+    mean = {
+        n: ((t + rng.normal(0.0, std, size=t.shape)) / settings.expected_sites).astype(np.float32)
+        for n, t in total.items()
+    }
+    next_clip = (
+        update_clip_norm(settings, clip_norm, unclipped, rng) if settings.adaptive else clip_norm
+    )
+    return UserDPRound(
+        mean_update=mean,
+        clip_norm=clip_norm,
+        next_clip_norm=next_clip,
+        contributors=len(updates),
+        clipped=len(updates) - unclipped,
+        update_noise_std=std / settings.expected_sites,
+        norms=tuple(norms),
+    )

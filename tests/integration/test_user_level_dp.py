@@ -1,0 +1,101 @@
+"""End-to-end user-level DP-FedAvg (adaptive clipping) beside record-level DP-SGD."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedllm.privacy.accounting import epsilon_report
+from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger
+from tests.integration.test_simulation import SITES, _simulate
+
+pytestmark = pytest.mark.slow
+
+Z, COUNT_STD, DELTA = 0.6, 1.0, 1e-5
+
+
+@pytest.fixture(scope="module")
+def user_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Record-level DP-SGD at the sites and user-level DP-FedAvg at the server, with a
+    user-level budget that allows two of the three planned rounds."""
+    out = tmp_path_factory.mktemp("user-runs")
+    two_rounds = float(epsilon_report([(Z, 1.0, 1)] * 2, delta=DELTA)["epsilon"])
+    overrides = {
+        "model.name": str(tiny_model_dir),
+        "run.name": "tiny-user",
+        "run.output-dir": str(out),
+        "run.rounds": 3,
+        "train.local-steps": 2,
+        "privacy.mode": "record+user",
+        "privacy.noise-multiplier": 0.7,
+        "privacy.user-noise-multiplier": Z,
+        "privacy.user-clip": 0.05,
+        "privacy.user-clipping": "adaptive",
+        "privacy.user-count-stddev": COUNT_STD,
+        "privacy.user-delta": DELTA,
+        "privacy.user-epsilon-max": two_rounds + 1e-6,
+        "data.max-length": 256,
+        "eval.max-examples": 8,
+    }
+    _simulate(overrides)
+    run_dir = out / "tiny-user"
+    return {"dir": run_dir, "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def test_user_level_epsilon_is_accounted_per_round_and_reported_apart(
+    user_run: dict[str, Any],
+) -> None:
+    """The run ledger holds one user-level Gaussian step per round, its ε is the sampled
+    Gaussian composed over rounds, and the summary keeps it apart from per-site ε."""
+    # Prepare
+    summary, run_dir = user_run["summary"], user_run["dir"]
+    records = Ledger(run_dir / "ledger.jsonl").records()
+    # Execute
+    user = [r for r in records if r["mechanism"] == USER_GAUSSIAN]
+    expected = [epsilon_report([(Z, 1.0, 1)] * k, delta=DELTA)["epsilon"] for k in (1, 2)]
+    # Assert
+    assert [r["round"] for r in user] == [1, 2]
+    assert [r["guarantee"] for r in user] == pytest.approx(expected, rel=1e-9)
+    assert all(r["level"] == "user" and r["site"] == "all" for r in user)
+    assert all(r["sampled_sites"] == list(range(SITES)) for r in user)
+    assert user[0]["update_noise_multiplier"] > Z  # part of the budget went to the count
+    assert summary["user_level"]["epsilon"] == pytest.approx(expected[1], rel=1e-9)
+    assert summary["user_level"]["delta"] == DELTA
+    assert set(summary["epsilon"]) == {str(s) for s in range(SITES)}  # record-level, per site
+    assert all(e != summary["user_level"]["epsilon"] for e in summary["epsilon"].values())
+
+
+def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile(
+    user_run: dict[str, Any],
+) -> None:
+    """Every update is far above the 0.05 starting norm, so the norm grows round on round."""
+    # Prepare
+    rounds = user_run["summary"]["user_level"]["rounds"]
+    # Execute
+    norms = [r["clip_norm"] for r in rounds]
+    # Assert
+    assert rounds[0]["clipped"] == SITES
+    assert all(n > 0.05 for n in rounds[0]["update_norms"])
+    assert norms[1] > norms[0]
+
+
+def test_user_level_budget_stops_the_run_before_it_is_exceeded(
+    user_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The third round would pass the user-level budget: the run stops after two, cleanly,
+    and the ledger (both levels) still verifies."""
+    # Prepare
+    from fedllm.cli import main as cli_main
+
+    summary = user_run["summary"]
+    # Execute
+    code = cli_main(["audit", "verify", str(user_run["dir"])])
+    out = capsys.readouterr().out
+    # Assert
+    assert summary["rounds_completed"] == 2 and summary["status"] == "stopped"
+    assert "user-level DP (every site)" in summary["stop_reason"]
+    assert summary["user_level"]["within_budget"] is True
+    assert code == 0 and "FAIL" not in out
