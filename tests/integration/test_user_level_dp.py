@@ -99,3 +99,20 @@ def test_user_level_budget_stops_the_run_before_it_is_exceeded(
     assert "user-level DP (every site)" in summary["stop_reason"]
     assert summary["user_level"]["within_budget"] is True
     assert code == 0 and "FAIL" not in out
+
+
+def test_audit_report_states_user_level_apart_from_each_site(
+    user_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report lists one record-level history per site and a separate user-level one."""
+    # Prepare
+    from fedllm.cli import main as cli_main
+
+    # Execute
+    code = cli_main(["audit", "report", str(user_run["dir"])])
+    markdown = (user_run["dir"] / "audit-report.md").read_text()
+    capsys.readouterr()
+    # Assert
+    assert code == 0 and "VERIFIED" in markdown
+    assert "| user-level | DP-FedAvg Gaussian (server), user-level" in markdown
+    assert all(f"| site {s} | DP-SGD (Opacus), record-level" in markdown for s in range(SITES))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.privacy.accounting import MECHANISMS, epsilon_curve
-from fedllm.privacy.ledger import DP_SGD, Ledger
+from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, Ledger
 from fedllm.privacy.verify import plausible, verify_records
 
 __all__ = ["build_report"]
@@ -23,12 +23,15 @@ __all__ = ["build_report"]
 DELTAS = [10.0**-k for k in range(12, 1, -1)]
 
 
-def _site_histories(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    sites: dict[int, list[dict[str, Any]]] = {}
+def _histories(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Spend records per history: "site k" (record-level DP-SGD) and "user-level" (the run's
+    DP-FedAvg). The two protect different units and are never composed together."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        if r.get("mechanism") == DP_SGD and plausible(r):  # the rest is listed as a problem
-            sites.setdefault(int(r["site"]), []).append(r)
-    return sites
+        if r.get("mechanism") in MECHANISM_NAMES and plausible(r):  # the rest: a problem
+            key = f"site {r['site']}" if r["mechanism"] == DP_SGD else "user-level"
+            out.setdefault(key, []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] == "user-level", kv[0])))
 
 
 def _png(fig: Any) -> str:
@@ -41,38 +44,43 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(sites: dict[int, list[dict[str, Any]]]) -> dict[str, str]:
+def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for site, recs in sorted(sites.items()):
+    for label, recs in sites.items():
         ax.plot(
             [0] + [r["round"] for r in recs],
             [0.0] + [r["guarantee"] for r in recs],
             marker="o",
-            label=f"site {site}",
+            linestyle=":" if label == "user-level" else "-",
+            label=label if label == "user-level" else f"{label} (record-level)",
         )
-    ax.set(title="cumulative ε per site over rounds (min of PRV, PLD)", xlabel="round", ylabel="ε")
+    ax.set(
+        title="cumulative ε over rounds (min of PRV, PLD); each line its own guarantee",
+        xlabel="round",
+        ylabel="ε",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.xaxis.get_major_locator().set_params(integer=True)
     over_rounds = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for site, recs in sorted(sites.items()):
+    for label, recs in sites.items():
         history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in recs]
         curve = epsilon_curve(history, DELTAS)
-        (line,) = ax.plot(DELTAS, curve["pld"], marker=".", label=f"site {site} PLD")
-        ax.plot(
-            DELTAS, curve["rdp"], linestyle="--", color=line.get_color(), label=f"site {site} RDP"
-        )
+        (line,) = ax.plot(DELTAS, curve["pld"], marker=".", label=f"{label} PLD")
+        ax.plot(DELTAS, curve["rdp"], linestyle="--", color=line.get_color(), label=f"{label} RDP")
         ax.axvline(recs[-1]["delta"], color=line.get_color(), alpha=0.3)
     ax.set_xscale("log")
     ax.set(
-        title="ε(δ) at the end of the run (vertical lines: each site's δ)", xlabel="δ", ylabel="ε"
+        title="ε(δ) at the end of the run (vertical lines: each history's δ)",
+        xlabel="δ",
+        ylabel="ε",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -80,50 +88,63 @@ def _plots(sites: dict[int, list[dict[str, Any]]]) -> dict[str, str]:
 
 
 def _tables(
-    summary: dict[str, Any], sites: dict[int, list[dict[str, Any]]]
+    summary: dict[str, Any], sites: dict[str, list[dict[str, Any]]]
 ) -> dict[str, tuple[list[str], list[list[str]]]]:
     budget = summary.get("budget", {})
-    cap = budget.get("epsilon_max")
+    user = summary.get("user_level") or {}
     mech_rows, acc_rows, budget_rows = [], [], []
-    for site, recs in sorted(sites.items()):
+    for label, recs in sites.items():
         last = recs[-1]
+        is_user = label == "user-level"
+        if is_user:
+            cap = user.get("epsilon_max")
+            within = user.get("within_budget", cap is None)
+            exhausted = "user-level" in (summary.get("stop_reason") or "")
+            clip = ", ".join(f"{r['clip_norm']:.3g}" for r in recs)
+            mechanism = "DP-FedAvg Gaussian (server), user-level, add/remove one site's data"
+        else:
+            cap = budget.get("epsilon_max")
+            status = budget.get("sites", {}).get(label.split()[-1], {})
+            within = status.get("within_budget", cap is None)
+            exhausted = bool(status.get("exhausted"))
+            clip = f"{last['max_grad_norm']:g}"
+            mechanism = "DP-SGD (Opacus), record-level, add/remove one example"
         mech_rows.append(
             [
-                str(site),
-                "DP-SGD (Opacus), record-level, add/remove one example",
+                label,
+                mechanism,
                 f"{last['noise_multiplier']:.4g}",
                 f"{last['sample_rate']:.4g} ({last['sampling']})",
                 str(sum(r["steps"] for r in recs)),
-                f"{last['max_grad_norm']:g}",
+                clip,
                 f"{last['delta']:.3g}",
             ]
         )
         acc_rows.append(
-            [str(site)]
+            [label]
             + [f"{last['epsilon'][m]:.4f}" for m in MECHANISMS]
             + [f"{last['guarantee']:.4f}"]
         )
-        status = budget.get("sites", {}).get(str(site), {})
         budget_rows.append(
             [
-                str(site),
+                label,
                 "none" if cap is None else f"{cap:g}",
                 f"{last['guarantee']:.4f}",
-                "yes" if status.get("within_budget", cap is None) else "NO",
-                "yes" if status.get("exhausted") else "no",
+                "yes" if within else "NO",
+                "yes" if exhausted else "no",
             ]
         )
     return {
         "Mechanisms and parameters": (
-            ["site", "mechanism", "σ", "sampling rate", "steps", "clip norm C", "δ"],
+            ["history", "mechanism", "σ / z", "sampling rate", "steps", "clip norm", "δ"],
             mech_rows,
         ),
-        "Accountant comparison (cumulative ε at each site's δ)": (
-            ["site", "RDP (upper bound)", "PRV", "PLD", "guarantee = min(PRV, PLD)"],
+        "Accountant comparison (cumulative ε at each history's δ)": (
+            ["history", "RDP (upper bound)", "PRV", "PLD", "guarantee = min(PRV, PLD)"],
             acc_rows,
         ),
         "Budget status": (
-            ["site", "ε budget", "ε spent", "within budget", "refused a round"],
+            ["history", "ε budget", "ε spent", "within budget", "budget stopped it"],
             budget_rows,
         ),
     }
@@ -136,7 +157,7 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     records = Ledger(run_dir / "ledger.jsonl").records()
     problems = verify_records(records)
-    sites = _site_histories(records)
+    sites = _histories(records)
     tables = _tables(summary, sites)
     plots = _plots(sites) if sites else {}
     integrity = (
