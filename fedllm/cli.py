@@ -101,8 +101,40 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     html_path, md_path, problems = build_report(path)
     print(f"wrote {html_path}\nwrote {md_path}")
     for problem in problems:
-        print(f"FAIL ledger: {problem}")
+        print(f"FAIL {problem}")
     return 1 if problems else 0
+
+
+def cmd_audit_canaries(args: argparse.Namespace) -> int:
+    """Score an auditing run's canaries; exit 1 (after writing) if a bound beats the proof."""
+    from fedllm.privacy.audit.empirical import AUDIT_FILE, AuditBugError, audit_run
+
+    path, config, summary = _load_run(args.run)
+    try:
+        result = audit_run(path, _run_config(config), summary, device=args.device)
+    except AuditBugError as e:
+        print(f"BUG: {e}", file=sys.stderr)
+        return 1
+    proven = result["proven_epsilon"]
+    print(
+        f"site {result['site']}: proven epsilon {proven if proven is not None else 'none'} "
+        f"({result['proven_from']}), delta {result['delta']:.3g}"
+    )
+    for kind in ("gradient_canaries", "membership"):
+        if kind in result:
+            r = result[kind]
+            print(
+                f"  {kind}: {r['correct']}/{r['guesses']} guesses right (k={r['k']}) -> "
+                f"epsilon lower bound {r['epsilon_lower_bound']:.4f} at 95% confidence"
+            )
+    for secret in result.get("secrets", []):
+        print(
+            f"  secret of {secret['name']} (x{secret['repeats']}): exposure "
+            f"{secret['trained']['exposure_extrapolated']:.2f} bits trained vs "
+            f"{secret['base']['exposure_extrapolated']:.2f} base"
+        )
+    print(f"status: {result['status']}; wrote {path / AUDIT_FILE}")
+    return 0
 
 
 def _run_config(config: dict[str, Any]) -> Any:
@@ -251,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = audit.add_parser("report", help="write audit-report.html and .md into the run")
     report.add_argument("run", help="outputs/<run-name>")
     report.set_defaults(func=cmd_audit_report)
+    canaries = audit.add_parser(
+        "canaries", help="score an auditing run's canaries: empirical epsilon lower bound"
+    )
+    canaries.add_argument("run", help="outputs/<run-name> of a run with audit.* canaries")
+    canaries.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    canaries.set_defaults(func=cmd_audit_canaries)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True

@@ -20,6 +20,7 @@ from typing import Any
 from fedllm.errors import ConfigError
 
 __all__ = [
+    "AuditConfig",
     "DataConfig",
     "EvalConfig",
     "FedllmConfig",
@@ -342,6 +343,76 @@ class EvalConfig:
 
 
 @dataclass
+class AuditConfig:
+    """An auditing run: canaries that measure privacy empirically (off by default)."""
+
+    canaries: int = field(
+        default=0,
+        metadata=_help("membership canaries at the auditing site, each in w.p. 1/2 (0 or >= 1000)"),
+    )
+    gradient_canaries: int = field(
+        default=0,
+        metadata=_help(
+            "white-box canaries: virtual records adding C*u_k to the auditing site's clipped "
+            "gradient sum, each in w.p. 1/2 (0 or >= 1000)"
+        ),
+    )
+    canary_length: int = field(default=6, metadata=_help("random words per canary answer"))
+    canary_site: int = field(default=0, metadata=_help("the site that inserts the canaries"))
+    canary_seed: int = field(default=1, metadata=_help("seed of canaries and secrets"))
+    secrets: int = field(
+        default=0, metadata=_help("secret-sharer secrets at the auditing site (0: none)")
+    )
+    secret_repeats: int = field(default=8, metadata=_help("copies of each secret inserted"))
+    secret_alternatives: int = field(
+        default=2000, metadata=_help("random alternatives each secret is ranked against")
+    )
+    canary_clients: int = field(
+        default=0,
+        metadata=_help("user-level canary clients at the server, each in w.p. 1/2 (0 or >= 20)"),
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.canaries == 0 or self.canaries >= 1000,
+            "audit.canaries",
+            self.canaries,
+            "must be 0 or at least 1000 (fewer cannot bound epsilon usefully)",
+        )
+        _require(
+            self.gradient_canaries == 0 or self.gradient_canaries >= 1000,
+            "audit.gradient-canaries",
+            self.gradient_canaries,
+            "must be 0 or at least 1000",
+        )
+        _require(self.canary_length >= 1, "audit.canary-length", self.canary_length, ">= 1")
+        _require(self.canary_site >= 0, "audit.canary-site", self.canary_site, ">= 0")
+        _require(self.secrets >= 0, "audit.secrets", self.secrets, ">= 0")
+        _require(self.secret_repeats >= 1, "audit.secret-repeats", self.secret_repeats, ">= 1")
+        _require(
+            self.secret_alternatives >= 100,
+            "audit.secret-alternatives",
+            self.secret_alternatives,
+            "must be >= 100",
+        )
+        _require(
+            self.canary_clients == 0 or self.canary_clients >= 20,
+            "audit.canary-clients",
+            self.canary_clients,
+            "must be 0 or at least 20",
+        )
+
+    @property
+    def inserts_data(self) -> bool:
+        return self.canaries > 0 or self.secrets > 0
+
+    @property
+    def at_site(self) -> bool:
+        """Whether the auditing site inserts anything (data rows or gradient canaries)."""
+        return self.inserts_data or self.gradient_canaries > 0
+
+
+@dataclass
 class FedllmConfig:
     """Every setting of a run; `parse_config` is the only way in from flat keys."""
 
@@ -353,6 +424,7 @@ class FedllmConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -459,6 +531,11 @@ def _check_cross_section(cfg: FedllmConfig) -> None:
         raise ConfigError(
             f"config key 'model.quantization' = {cfg.model.quantization!r} needs CUDA "
             "(bitsandbytes); set it to 'none' or 'train.device' to 'auto'/'cuda'."
+        )
+    if cfg.audit.canary_clients and cfg.privacy.mode == "record":
+        raise ConfigError(
+            "config key 'audit.canary-clients' audits user-level DP: set privacy.mode to "
+            "'user' or 'record+user' (or 'none' for a non-DP baseline)."
         )
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu == 0:
         raise ConfigError("config key 'strategy.proximal-mu' = 0.0 makes FedProx plain FedAvg.")

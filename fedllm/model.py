@@ -338,6 +338,11 @@ def init_adapter(spec: AdapterSpec, *, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def trainable_names(model: torch.nn.Module) -> dict[int, str]:
+    """`id(parameter)` -> public tensor name, for every trainable adapter parameter."""
+    return {id(p): _public_name(n) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def get_adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The trainable adapter tensors (exactly what a site sends), as float32 numpy copies."""
     return OrderedDict(

@@ -64,6 +64,12 @@ class SiteData:
     train: Features
     eval: Features
     categories: list[str]
+    virtual_records: int = 0  # an auditing site's inserted gradient canaries
+
+    @property
+    def num_records(self) -> int:
+        """Records the accountant sees: real examples plus inserted gradient canaries."""
+        return len(self.train) + self.virtual_records
 
 
 def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: object) -> SiteData:
@@ -89,6 +95,8 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
         max_eval_examples=cfg.eval.max_examples,
         seed=cfg.run.seed,
     )
+    if cfg.audit.inserts_data and site == cfg.audit.canary_site:
+        train_ds = _with_audit_rows(train_ds, cfg, tokenizer)
     train = tokenize_examples(train_ds, tokenizer, max_length=cfg.data.max_length)
     held_out = tokenize_examples(eval_ds, tokenizer, max_length=cfg.data.max_length)
     if not train or not held_out:
@@ -96,8 +104,60 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
             f"site {site} has no usable examples after tokenization "
             f"(train {len(train)}, held-out {len(held_out)}); raise 'data.max-length'."
         )
+    virtual = 0
+    if cfg.audit.gradient_canaries and site == cfg.audit.canary_site:
+        virtual = int(_gradient_canaries(cfg, {}).included.sum())
     return SiteData(
-        site=site, train=train, eval=held_out, categories=sorted(set(parts[site]["category"]))
+        site=site,
+        train=train,
+        eval=held_out,
+        categories=sorted(set(parts[site]["category"])),
+        virtual_records=virtual,
+    )
+
+
+def _gradient_canaries(cfg: FedllmConfig, shapes: dict[str, tuple[int, ...]]) -> Any:
+    from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
+
+    return CanaryDirections(
+        cfg.audit.gradient_canaries, cfg.audit.canary_seed, shapes, tag=GRADIENTS
+    )
+
+
+def _canary_step(cfg: FedllmConfig, model: Any, sample_rate: float) -> Any:
+    """The auditing site's per-step gradient canaries: each inserted one Poisson-sampled at
+    the records' rate, contributing C·u_k (C = privacy.max-grad-norm)."""
+    from fedllm.model import get_adapter_arrays
+
+    shapes = {n: tuple(a.shape) for n, a in get_adapter_arrays(model).items()}
+    directions = _gradient_canaries(cfg, shapes)
+    clip = cfg.privacy.max_grad_norm
+
+    def step(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        sampled = directions.sample(sample_rate, rng)
+        return directions.contribution(sampled, clip) if sampled else {}
+
+    return step
+
+
+def _with_audit_rows(train_ds: Any, cfg: FedllmConfig, tokenizer: object) -> Any:
+    """The training split plus this auditing run's canaries and secrets (never held out)."""
+    import datasets
+
+    from fedllm.privacy.audit.canaries import audit_rows
+
+    rows = audit_rows(cfg.audit, tokenizer)
+    log.info(
+        "site %d: auditing run, %d canary and secret rows added to %d training examples",
+        cfg.audit.canary_site,
+        len(rows["prompt"]),
+        len(train_ds),
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": list(train_ds["prompt"]) + rows["prompt"],
+            "response": list(train_ds["response"]) + rows["response"],
+        }
     )
 
 
@@ -193,7 +253,7 @@ def run_train(
     BudgetExceededError
         Before any training, if the round would take the site past `budget`.
     """
-    n = len(data.train)
+    n = data.num_records
     dp = None
     report: dict[str, float | bool] = {}
     if cfg.privacy.record_level:
@@ -218,6 +278,10 @@ def run_train(
         )
     model, device = _load_model(cfg)
     set_adapter_arrays(model, arrays)
+    canaries = None
+    if data.virtual_records:
+        rate = dp.sample_rate if dp is not None else min(1.0, cfg.train.batch_size / n)
+        canaries = _canary_step(cfg, model, rate)
 
     def progress(step: int, steps: int, loss: float) -> None:
         log.info("site %d: step %d/%d, loss %.4f", data.site, step, steps, loss)
@@ -231,6 +295,7 @@ def run_train(
         dp=dp,
         proximal_mu=proximal_mu,
         progress=progress,
+        canaries=canaries,
     )
     if dp is not None:
         state.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +24,22 @@ from fedllm.config import TrainConfig
 from fedllm.data import collate_batch
 from fedllm.privacy.dpsgd import DPSettings, attach_dp, detach_dp, empty_step
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "per_example_loss", "train_local"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "example_losses",
+    "per_example_loss",
+    "train_local",
+]
 
 log = logging.getLogger(__name__)
 
 Features = Sequence[dict[str, list[int]]]
 Progress = Callable[[int, int, float], None]
+# An auditing run's gradient canaries: given the step's RNG, the summed (already clipped)
+# canary gradients sampled into this step, by public tensor name (empty: none this step).
+CanaryStep = Callable[[np.random.Generator], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ def train_local(
     proximal_mu: float = 0.0,
     progress: Progress | None = None,
     seed: int | None = None,
+    canaries: CanaryStep | None = None,
 ) -> TrainResult:
     """Run `cfg.local_steps` optimizer steps on `features`.
 
@@ -123,6 +135,9 @@ def train_local(
     seed : int, optional
         Seeds batch sampling, for tests only; by default a fresh OS-random seed is used,
         since predictable Poisson batches would weaken the guarantee.
+    canaries : CanaryStep, optional
+        An auditing run's gradient canaries: virtual records whose clipped gradients join
+        the step's sum before the noise (DP) or the batch mean (no DP).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -133,6 +148,8 @@ def train_local(
     if dp is not None:
         hooks, optimizer = attach_dp(model, optimizer, settings=dp)
         batches = _poisson_batches(n, dp.sample_rate, cfg.local_steps, rng)
+        if canaries is not None:
+            _insert_canaries_before_noise(model, optimizer, canaries, rng)
     else:
         batches = _shuffled_batches(n, cfg.batch_size, cfg.local_steps, rng)
     model.train()
@@ -149,6 +166,10 @@ def train_local(
                     _accumulate(model, features, batch, cfg, optimizer, pad_token_id, device, dp)
                 )
                 seen += len(batch)
+            if dp is None:
+                if canaries is not None:
+                    _add_to_grads(model, canaries(rng), scale=1.0 / max(1, len(batch)))
+                optimizer.step()
             if anchors:
                 with torch.no_grad():
                     for p, a in zip(params, anchors, strict=True):
@@ -193,9 +214,62 @@ def _accumulate(
                 optimizer.zero_grad()
         else:
             (per_ex.sum() / len(batch)).backward()
-    if dp is None:
-        optimizer.step()
     return losses
+
+
+def _add_to_grads(model: torch.nn.Module, extra: dict[str, np.ndarray], *, scale: float) -> None:
+    from fedllm.model import trainable_names
+
+    names = trainable_names(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            value = extra.get(names.get(id(p), ""))
+            if value is not None:
+                g = torch.from_numpy(np.asarray(value) * scale).to(p.device, p.dtype)
+                p.grad = g.view_as(p) if p.grad is None else p.grad + g.view_as(p)
+
+
+def _insert_canaries_before_noise(
+    model: torch.nn.Module, optimizer: Any, canaries: CanaryStep, rng: np.random.Generator
+) -> None:
+    """Make Opacus add the step's canary gradients to the clipped sum right before its noise.
+
+    `DPOptimizer.add_noise` runs once per logical step (skipped micro-batches never reach
+    it, empty Poisson batches do), on `summed_grad`, the sum of clipped per-example
+    gradients: exactly where a real record of norm C would land. Wrapping that one method on
+    this instance is the least intrusive place Opacus offers.
+    """
+    from fedllm.model import trainable_names
+
+    names = trainable_names(model)
+    original = optimizer.add_noise
+
+    def add_noise_with_canaries() -> None:
+        extra = canaries(rng)
+        for p in optimizer.params:
+            value = extra.get(names.get(id(p), ""))
+            if value is not None:
+                p.summed_grad += torch.from_numpy(value).to(p.summed_grad).view_as(p.summed_grad)
+        original()
+
+    optimizer.add_noise = add_noise_with_canaries
+
+
+@torch.no_grad()
+def example_losses(
+    model: torch.nn.Module,
+    features: Features,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Each example's mean loss over its answer tokens (membership scores, exposure)."""
+    model.eval()
+    out: list[float] = []
+    for idx in _chunks(range(len(features)), batch_size):
+        out.extend(_forward_loss(model, [features[j] for j in idx], pad_token_id, device).tolist())
+    return np.asarray(out, dtype=np.float64)
 
 
 @torch.no_grad()

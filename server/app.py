@@ -22,6 +22,7 @@ from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import BudgetExceededError, FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
 from fedllm.privacy.accounting import MECHANISMS, History
+from fedllm.privacy.audit.directions import CanaryDirections
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
@@ -106,6 +107,11 @@ class FederatedRun:
         self.arrays = {n: self.full[n] for n in spec.sent}
         self.num_sites = 0
         self.user_dp: UserDPSettings | None = None
+        self.canary_clients = (
+            CanaryDirections(cfg.audit.canary_clients, cfg.audit.canary_seed, dict(self.expected))
+            if cfg.audit.canary_clients
+            else None
+        )
         self._user_report: dict[str, float | bool] = {}
         self.rng = secure_rng()
 
@@ -172,7 +178,7 @@ class FederatedRun:
         self._resume()
         self._wait_for_sites()
         strategy = build_strategy(cfg, num_sites=self.num_sites)
-        if cfg.privacy.user_level:
+        if cfg.privacy.user_level or self.canary_clients is not None:
             self.user_dp = self._user_dp_settings()
         self.state["adapter"] = {
             "ffa": cfg.lora.ffa,
@@ -219,6 +225,8 @@ class FederatedRun:
             )
         else:
             self.state["status"] = "completed"
+        if self.canary_clients is not None:
+            self._audit_canary_clients()
         summary = self._save()
         from fedllm.plots import plot_run
 
@@ -279,7 +287,7 @@ class FederatedRun:
             )
         )
         if self.user_dp is not None:
-            if not self._user_budget_allows(server_round):
+            if self.cfg.privacy.user_level and not self._user_budget_allows(server_round):
                 return False
             keep = set(
                 poisson_sample(
@@ -368,16 +376,21 @@ class FederatedRun:
 
     # -- user-level DP (DP-FedAvg at the server) ---------------------------------------------
     def _user_dp_settings(self) -> UserDPSettings:
+        """The user-level mechanism; an auditing run's inserted canary clients count in the
+        population (and so in the fixed denominator), and a non-DP auditing baseline
+        (privacy.mode = 'none' with canary clients) gets the same clipped mean without noise."""
         p = self.cfg.privacy
+        canaries = int(self.canary_clients.included.sum()) if self.canary_clients else 0
         return UserDPSettings(
-            noise_multiplier=p.user_noise_multiplier,
+            noise_multiplier=p.user_noise_multiplier if p.user_level else 0.0,
             clip_norm=p.user_clip,
             sample_rate=self.cfg.strategy.fraction_train,
-            num_sites=self.num_sites,
-            adaptive=p.user_clipping == "adaptive",
+            num_sites=self.num_sites + canaries,
+            adaptive=p.user_clipping == "adaptive" and p.user_level,
             target_quantile=p.user_target_quantile,
             clip_learning_rate=p.user_clip_learning_rate,
             count_stddev=p.user_count_stddev,
+            audit_baseline=not p.user_level,
         )
 
     def _user_history(self) -> History:
@@ -423,50 +436,63 @@ class FederatedRun:
             {n: v - self.arrays[n] for n, v in record_to_arrays(r.content["arrays"]).items()}
             for r in replies
         ]
-        out = noisy_mean_update(deltas, self.expected, self.user_dp, clip, self.rng)
-        report = self._user_report
-        sites = sorted(int(r.content["metrics"]["site"]) for r in replies)
-        entry = user_dp_entry(
-            run_id=self.cfg.run.name,
-            server_round=server_round,
-            noise_multiplier=self.user_dp.noise_multiplier,
-            update_noise_multiplier=self.user_dp.update_noise_multiplier,
-            sample_rate=self.user_dp.sample_rate,
-            clip_norm=clip,
-            clipping=self.cfg.privacy.user_clipping,
-            sampled_sites=sites,
-            contributors=out.contributors,
-            expected_sites=self.user_dp.expected_sites,
-            delta=self.cfg.privacy.user_delta,
-            epsilons={m: float(report[m]) for m in MECHANISMS},
+        canaries: list[int] = []
+        extra = None
+        if self.canary_clients is not None:
+            canaries = self.canary_clients.sample(self.user_dp.sample_rate, self.rng)
+            extra = self.canary_clients.contribution(canaries, clip)
+        out = noisy_mean_update(
+            deltas, self.expected, self.user_dp, clip, self.rng, extra_sum=extra
         )
-        # Durable before the noisy aggregate exists anywhere but in this process.
-        Ledger(self.run.path / LEDGER_FILE).append(entry)
+        sites = sorted(int(r.content["metrics"]["site"]) for r in replies)
+        report = self._user_report
+        if self.cfg.privacy.user_level:
+            entry = user_dp_entry(
+                run_id=self.cfg.run.name,
+                server_round=server_round,
+                noise_multiplier=self.user_dp.noise_multiplier,
+                update_noise_multiplier=self.user_dp.update_noise_multiplier,
+                sample_rate=self.user_dp.sample_rate,
+                clip_norm=clip,
+                clipping=self.cfg.privacy.user_clipping,
+                sampled_sites=sites,
+                contributors=out.contributors,
+                expected_sites=self.user_dp.expected_sites,
+                delta=self.cfg.privacy.user_delta,
+                epsilons={m: float(report[m]) for m in MECHANISMS},
+            )
+            # Durable before the noisy aggregate exists anywhere but in this process.
+            Ledger(self.run.path / LEDGER_FILE).append(entry)
         user["clip_norm"] = out.next_clip_norm
         user.setdefault("rounds", []).append(
             {
                 "round": server_round,
                 "sampled": len(sampled),
                 "contributors": out.contributors,
+                "canary_clients": len(canaries),
                 "clipped": out.clipped,
                 "clip_norm": clip,
                 "update_norms": [round(x, 6) for x in out.norms],
                 "noise_std": out.update_noise_std,
-                "epsilon": float(report["epsilon"]),
-                "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS},
+                "epsilon": float(report["epsilon"]) if report else None,
+                "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS}
+                if report
+                else {},
             }
         )
         log(
             INFO,
-            "fedllm: [round %d] user-level DP: %d updates clipped to %.4g (%d were larger), "
-            "noise std %.4g per coordinate, user-level epsilon %.4f (delta %g)",
+            "fedllm: [round %d] clipped mean of %d site updates (+%d canary clients) at norm "
+            "%.4g (%d were larger), noise std %.4g per coordinate, user-level epsilon %s",
             server_round,
             out.contributors,
+            len(canaries),
             clip,
             out.clipped,
             out.update_noise_std,
-            float(report["epsilon"]),
-            self.cfg.privacy.user_delta,
+            f"{float(report['epsilon']):.4f} (delta {self.cfg.privacy.user_delta:g})"
+            if report
+            else "none (non-DP auditing baseline)",
         )
         noisy = {n: self.arrays[n] + out.mean_update[n] for n in self.arrays}
         content = RecordDict(
@@ -474,6 +500,37 @@ class FederatedRun:
         )
         return Message(
             content=content, dst_node_id=sampled[0] if sampled else 0, message_type="train"
+        )
+
+    def _audit_canary_clients(self) -> None:
+        """Andrew et al.'s estimate from the final adapter, beside the proven user-level ε;
+        an estimate above the proven ε is logged as the bug it would be."""
+        import json
+        import math
+
+        assert self.canary_clients is not None and self.run is not None
+        initial = init_adapter(self.spec, seed=self.cfg.run.seed)
+        delta = {n: self.arrays[n] - initial[n] for n in self.expected}
+        result = self.canary_clients.estimate(delta, delta_dp=self.cfg.privacy.user_delta)
+        history = self._user_history()
+        proven = float(self._user_report["epsilon"]) if history and self._user_report else math.inf
+        result["proven_epsilon"] = proven if math.isfinite(proven) else None
+        bug = float(result["epsilon_lower_bound"]) > proven
+        result["status"] = "BUG" if bug else "consistent"
+        path = self.run.path / "audit" / "canary-clients.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        self.state["canary_clients_audit"] = result
+        level = ERROR if bug else INFO
+        log(
+            level,
+            "fedllm: canary clients: user-level epsilon lower bound %.4f (estimate %.4f, "
+            "mu %.3f) vs proven %s%s",
+            result["epsilon_lower_bound"],
+            result["epsilon_estimate"],
+            result["mu"],
+            f"{proven:.4f}" if math.isfinite(proven) else "none (no DP)",
+            " -- BUG: the empirical bound exceeds the proven epsilon" if bug else "",
         )
 
     def _evaluate(self, strategy: Any, server_round: int) -> None:

@@ -322,3 +322,24 @@ def test_non_finite_and_out_of_range_server_settings_are_refused(key: str, value
     # Execute / Assert
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         parse_config({key: value})
+
+
+@pytest.mark.parametrize(
+    "preset",
+    sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+    ids=str,
+)
+def test_every_preset_parses_as_flower_reads_it(preset: pathlib.Path) -> None:
+    """Each file in configs/ goes through Flower's own `--run-config` reader and then
+    `parse_config` over the defaults, so a preset can never ship with a bad key."""
+    # Prepare
+    from flwr.common.config import parse_config_args
+
+    flat = parse_config_args([str(preset)])
+
+    # Execute
+    cfg = parse_config({**_flower_defaults(), **flat})
+
+    # Assert
+    assert flat
+    assert cfg.to_flat()[next(iter(flat))] == next(iter(flat.values()))

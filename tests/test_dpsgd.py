@@ -318,3 +318,52 @@ def test_empty_batch_noise_has_the_calibrated_scale(
     assert moved.size == 768
     assert abs(float(moved.mean())) < 0.05
     assert float(moved.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.15)
+
+
+# --------------------------------------------------------------------------------------------
+# (e) Gradient canaries (white-box audit)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_gradient_canaries_join_the_step_like_one_more_clipped_record(
+    model_cfg: ModelConfig,
+    features: list[dict[str, list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    private: bool,
+) -> None:
+    """With σ = 0, one SGD step with a canary gradient v differs from the same step without
+    it by exactly −lr·v/B: the canary lands where a clipped record would (DP: in Opacus'
+    summed clipped gradient before noise; no DP: in the batch mean)."""
+    # Prepare
+    lora = LoraConfig(ffa=True)
+    cfg = TrainConfig(
+        local_steps=1, batch_size=8, physical_batch_size=4, learning_rate=1.0, optimizer="sgd"
+    )
+    dp = (
+        DPSettings(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=1.0, expected_batch_size=8)
+        if private
+        else None
+    )
+    pad = tokenizer.pad_token_id
+    with_canary, without = _model(model_cfg, lora), _model(model_cfg, lora)
+    rng = np.random.default_rng(5)
+    v = {n: rng.normal(size=a.shape) for n, a in get_adapter_arrays(with_canary).items()}
+
+    # Execute
+    train_local(without, features, cfg=cfg, pad_token_id=pad, device=CPU, dp=dp, seed=0)
+    train_local(
+        with_canary,
+        features,
+        cfg=cfg,
+        pad_token_id=pad,
+        device=CPU,
+        dp=dp,
+        seed=0,
+        canaries=lambda _rng: v,
+    )
+
+    # Assert
+    a, b = _snapshot(with_canary), _snapshot(without)
+    for name, value in a.items():
+        np.testing.assert_allclose(value - b[name], -v[name] / 8, atol=1e-5, rtol=1e-4)

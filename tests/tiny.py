@@ -80,7 +80,9 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_model_dir(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+def make_tiny_model_dir(
+    path: pathlib.Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
+) -> pathlib.Path:
     """Write a tiny ``LlamaForCausalLM`` and its tokenizer to ``path`` with ``save_pretrained``.
 
     Parameters
@@ -89,6 +91,9 @@ def make_tiny_model_dir(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         Directory to create (parents included) and fill.
     seed : int (default: 0)
         Seed for the random weights, so two calls give identical models.
+    hidden_size, num_layers : int
+        Width and depth; the defaults keep unit tests fast, wider models can memorise
+        (the canary-audit benchmark uses one).
 
     Returns
     -------
@@ -101,9 +106,9 @@ def make_tiny_model_dir(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     tokenizer = make_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -69,8 +69,11 @@ class UserDPSettings:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     count_stddev: float = 0.0
+    audit_baseline: bool = False
 
     def __post_init__(self) -> None:
+        if self.audit_baseline and self.noise_multiplier == 0 and not self.adaptive:
+            return  # a non-DP baseline run for canary audits: clipped mean, no noise, no claim
         if not self.noise_multiplier > 0:
             raise ConfigError(
                 f"config key 'privacy.user-noise-multiplier' = {self.noise_multiplier} must be "
@@ -96,7 +99,7 @@ class UserDPSettings:
     @property
     def update_noise_multiplier(self) -> float:
         """z_Δ, the multiplier applied to the update sum (equals z with fixed clipping)."""
-        if not self.adaptive:
+        if not self.adaptive or self.noise_multiplier == 0:
             return self.noise_multiplier
         from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
@@ -169,11 +172,14 @@ def noisy_mean_update(
     settings: UserDPSettings,
     clip_norm: float,
     rng: np.random.Generator,
+    *,
+    extra_sum: Arrays | None = None,
 ) -> UserDPRound:
     """One round of DP-FedAvg over the sampled sites' updates (deltas from the global adapter).
 
     `updates` may be empty (no site sampled, or all dropped): the noise alone is released, as
-    the mechanism's analysis requires.
+    the mechanism's analysis requires. `extra_sum` holds contributions already at or below the
+    clip norm that join the sum unclipped and uncounted (an auditing run's canary clients).
     """
     total = {n: np.zeros(shape, dtype=np.float64) for n, shape in shapes.items()}
     norms, unclipped = [], 0
@@ -183,6 +189,8 @@ def noisy_mean_update(
         unclipped += int(norm <= clip_norm)
         for n in total:
             total[n] += clipped[n]
+    for n, value in (extra_sum or {}).items():
+        total[n] += value
     std = settings.update_noise_multiplier * clip_norm
     mean = {
         n: ((t + rng.normal(0.0, std, size=t.shape)) / settings.expected_sites).astype(np.float32)

@@ -150,6 +150,74 @@ def _tables(
     }
 
 
+def _fmt(value: float | None) -> str:
+    return "none (no DP)" if value is None else f"{value:.4f}"
+
+
+def _empirical_tables(
+    run_dir: Path,
+) -> tuple[dict[str, tuple[list[str], list[list[str]]]], list[str]]:
+    """Lower bounds beside the proven ε, and secret exposures, from `fedllm audit canaries`
+    (audit/empirical.json) and the server's canary clients (audit/canary-clients.json)."""
+    rows, exposures, bugs = [], [], []
+    record = run_dir / "audit" / "empirical.json"
+    if record.is_file():
+        r = json.loads(record.read_text(encoding="utf-8"))
+        for kind, label in (
+            ("gradient_canaries", "record-level, white-box gradient canaries"),
+            ("membership", "record-level, black-box random-word canaries"),
+        ):
+            if kind in r:
+                g = r[kind]
+                rows.append(
+                    [
+                        f"site {r['site']}: {label}",
+                        f"{_fmt(r['proven_epsilon'])} ({r['proven_from']})",
+                        f"{g['epsilon_lower_bound']:.4f}",
+                        f"{g['correct']}/{g['guesses']} right of {g['canaries']} "
+                        f"({g['included']} in)",
+                        f"{r['delta']:.3g}",
+                    ]
+                )
+        for secret in r.get("secrets", []):
+            exposures.append(
+                [
+                    f"{secret['name']} (x{secret['repeats']})",
+                    f"{secret['base']['exposure_extrapolated']:.2f}",
+                    f"{secret['trained']['exposure_extrapolated']:.2f}",
+                    f"{secret['trained']['rank']} of {secret['trained']['alternatives'] + 1}",
+                ]
+            )
+        if r.get("status") == "BUG":
+            bugs.append(f"{record}: an empirical lower bound exceeds the proven epsilon")
+    clients = run_dir / "audit" / "canary-clients.json"
+    if clients.is_file():
+        c = json.loads(clients.read_text(encoding="utf-8"))
+        rows.append(
+            [
+                "user-level, canary clients (cosine, Andrew et al.)",
+                _fmt(c["proven_epsilon"]),
+                f"{c['epsilon_lower_bound']:.4f} (estimate {c['epsilon_estimate']:.4f})",
+                f"μ {c['mu']:.3f}, {c['inserted']} of {c['canary_clients']} inserted",
+                f"{c['delta']:.3g}",
+            ]
+        )
+        if c.get("status") == "BUG":
+            bugs.append(f"{clients}: the canary-client lower limit exceeds the proven epsilon")
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
+    if rows:
+        tables["Empirical lower bounds beside the proven ε (95% confidence)"] = (
+            ["audit", "proven ε", "ε lower bound", "evidence", "δ"],
+            rows,
+        )
+    if exposures:
+        tables["Exposure of inserted secrets, bits (Carlini et al. 2019)"] = (
+            ["secret", "base model", "trained model", "rank of the secret"],
+            exposures,
+        )
+    return tables, bugs
+
+
 def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     """Write `audit-report.html` and `audit-report.md` into `run_dir`; returns their paths
     and the ledger problems found (empty when the ledger verifies)."""
@@ -159,6 +227,8 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     problems = verify_records(records)
     sites = _histories(records)
     tables = _tables(summary, sites)
+    empirical, bugs = _empirical_tables(run_dir)
+    tables.update(empirical)
     plots = _plots(sites) if sites else {}
     integrity = (
         f"VERIFIED: {len(records)} ledger records, hash chain intact, every ε recomputed from "
@@ -175,6 +245,14 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
         ),
         ("Guarantee", summary["privacy"]["guarantee"]),
         ("Ledger integrity", integrity),
+        (
+            "Empirical audit",
+            ("FAILED: " + "; ".join(bugs))
+            if bugs
+            else "lower bounds at or below the proven ε"
+            if empirical
+            else "not run (an auditing run sets audit.* canaries)",
+        ),
         ("Config SHA-256", config["config_hash"]),
         (
             "Sampling RNG",
@@ -187,7 +265,7 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     md_path, html_path = run_dir / "audit-report.md", run_dir / "audit-report.html"
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
-    return html_path, md_path, problems
+    return html_path, md_path, problems + bugs
 
 
 def _markdown(facts: list[tuple[str, str]], tables: dict[str, Any], summary: dict) -> str:
