@@ -44,6 +44,7 @@ __all__ = [
     "SiteData",
     "SiteRound",
     "load_site_data",
+    "load_site_model",
     "run_evaluate",
     "run_train",
     "site_data_for",
@@ -230,8 +231,10 @@ def _planned_sigma(cfg: FedllmConfig, *, sample_rate: float, delta: float) -> fl
     return cfg.privacy.noise_multiplier
 
 
-def _load_model(cfg: FedllmConfig):  # noqa: ANN202 - a peft model and its device
-    device = pick_device(cfg.train.device)
+def load_site_model(cfg: FedllmConfig, device: str | None = None):  # noqa: ANN201 - peft model, device
+    """The base model with the run's LoRA attached (initial adapter), on `device` or the
+    configured `train.device`."""
+    device = pick_device(device or cfg.train.device)
     model = attach_lora(load_base_model(cfg.model, device), cfg.lora, seed=cfg.run.seed)
     return model, device
 
@@ -276,7 +279,7 @@ def run_train(
             expected_batch_size=max(1, round(sample_rate * n)),
             grad_sample_mode=cfg.privacy.grad_sample_mode,
         )
-    model, device = _load_model(cfg)
+    model, device = load_site_model(cfg)
     set_adapter_arrays(model, arrays)
     canaries = None
     if data.virtual_records:
@@ -327,7 +330,7 @@ def run_evaluate(
     cfg: FedllmConfig, data: SiteData, arrays: dict[str, np.ndarray], *, pad_token_id: int
 ) -> EvalResult:
     """Held-out loss of the global adapter on this site's private split."""
-    model, device = _load_model(cfg)
+    model, device = load_site_model(cfg)
     set_adapter_arrays(model, arrays)
     return evaluate(
         model, data.eval, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id, device=device

@@ -123,3 +123,37 @@ def test_records_are_durable_json_lines(ledger: Ledger) -> None:
         for key in ("noise_multiplier", "sample_rate", "steps", "delta", "max_grad_norm"):
             assert key in record
         assert record["guarantee"] == min(record["epsilon"]["prv"], record["epsilon"]["pld"])
+
+
+def test_kill_9_at_any_moment_leaves_a_ledger_that_parses_and_continues(tmp_path: Path) -> None:
+    """A writer process appending as fast as it can is SIGKILLed at random moments, six
+    times; after every kill the ledger parses, its chain verifies with contiguous sequence
+    numbers, and the next writer continues it."""
+    # Prepare
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    path = tmp_path / "ledger.jsonl"
+    writer = (
+        "import sys; from pathlib import Path; from fedllm.privacy.ledger import Ledger\n"
+        "ledger = Ledger(Path(sys.argv[1]))\n"
+        "while True: ledger.append({'round': 1, 'site': 0, 'pad': 'x' * 4000})\n"
+    )
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)])
+        time.sleep(1.0 + float(rng.uniform(0.0, 0.5)))
+        # Execute
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        records = Ledger(path).records()
+        # Assert
+        assert verify_chain(records) == []
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+        counts.append(len(records))
+    assert counts == sorted(counts) and counts[-1] > counts[0] > 0

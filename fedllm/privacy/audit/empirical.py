@@ -193,21 +193,13 @@ def _input_canary_audit(
     cfg: FedllmConfig, saved: dict[str, np.ndarray], delta: float, *, device: str
 ) -> dict[str, Any]:
     """Black-box scores: the base model with the initial, then the final adapter."""
-    from fedllm.model import (
-        attach_lora,
-        get_adapter_arrays,
-        load_base_model,
-        load_tokenizer,
-        pick_device,
-        resolve_model_dir,
-        set_adapter_arrays,
-    )
+    from fedllm.model import get_adapter_arrays, set_adapter_arrays
+    from fedllm.site import load_site_model, tokenizer_for
     from fedllm.train import example_losses
 
     audit = cfg.audit
-    dev = pick_device(device)
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
-    model = attach_lora(load_base_model(cfg.model, dev), cfg.lora, seed=cfg.run.seed)
+    tokenizer = tokenizer_for(cfg)
+    model, dev = load_site_model(cfg, device)
     initial = get_adapter_arrays(model)
     final = {n: saved[n] for n in initial}
     pad = int(tokenizer.pad_token_id)
