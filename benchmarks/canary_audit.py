@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=40)
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--work", help="working directory (reuses finished runs in it)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "canary_audit.json"))
     args = parser.parse_args()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -53,8 +54,10 @@ def main() -> None:
     from fedllm.cli import main as cli
     from tests.tiny import make_tiny_model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="fedllm-canary-audit-"))
-    model = make_tiny_model_dir(work / "model", hidden_size=args.hidden)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-canary-audit-"))
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        make_tiny_model_dir(model, hidden_size=args.hidden)
     common = {
         "model.name": str(model),
         "run.output-dir": str(work / "runs"),
@@ -108,8 +111,10 @@ def main() -> None:
     table, seconds = {}, {}
     for name, overrides in runs.items():
         t0 = time.monotonic()
-        _simulate({**overrides, "run.name": name}, sites=3)
         run_dir = work / "runs" / name
+        done = run_dir / "summary.json"
+        if not done.is_file() or json.loads(done.read_text())["status"] != "completed":
+            _simulate({**overrides, "run.name": name}, sites=3)
         if name.startswith("record"):
             code = cli(["audit", "canaries", str(run_dir)])
             audit = json.loads((run_dir / "audit" / "empirical.json").read_text())

@@ -85,6 +85,9 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
             "secure_rng": False,
         },
         "user_level": _user_level(cfg, state),
+        "audit": {"canary_clients": state["canary_clients_audit"]}
+        if "canary_clients_audit" in state
+        else {},
         "bytes_per_round": state.get("bytes", []),
         "round_seconds": state.get("round_seconds", []),
         "rejected_updates": state.get("rejected", []),
@@ -202,4 +205,10 @@ def render_table(summary: dict[str, Any]) -> Any:
             table.caption = (
                 f"global eval loss {first:.4f} (round 0) -> {last:.4f} (round {rounds[-1]})"
             )
+    user = summary.get("user_level") or {}
+    if user.get("epsilon") is not None:
+        table.caption = (table.caption or "") + (
+            f"\nuser-level (whole-site) epsilon {user['epsilon']:.4f} at delta {user['delta']:g}"
+            " -- a separate guarantee from the per-site record-level epsilon above"
+        )
     return table
