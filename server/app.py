@@ -21,13 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import BudgetExceededError, FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
-from fedllm.privacy.accounting import MECHANISMS, History
+from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.audit.directions import CanaryDirections
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
-from fedllm.rundir import LEDGER_FILE, RunDir
+from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
 from server.strategies import build_strategy
@@ -505,21 +505,26 @@ class FederatedRun:
     def _audit_canary_clients(self) -> None:
         """Andrew et al.'s estimate from the final adapter, beside the proven user-level ε;
         an estimate above the proven ε is logged as the bug it would be."""
-        import json
         import math
 
         assert self.canary_clients is not None and self.run is not None
         initial = init_adapter(self.spec, seed=self.cfg.run.seed)
         delta = {n: self.arrays[n] - initial[n] for n in self.expected}
         result = self.canary_clients.estimate(delta, delta_dp=self.cfg.privacy.user_delta)
+        # From the ledger, not this process's last budget check: a resumed run that had
+        # nothing left to train never made one.
         history = self._user_history()
-        proven = float(self._user_report["epsilon"]) if history and self._user_report else math.inf
+        proven = (
+            float(epsilon_report(history, delta=self.cfg.privacy.user_delta)["epsilon"])
+            if history
+            else math.inf
+        )
         result["proven_epsilon"] = proven if math.isfinite(proven) else None
         bug = float(result["epsilon_lower_bound"]) > proven
         result["status"] = "BUG" if bug else "consistent"
         path = self.run.path / "audit" / "canary-clients.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json_atomic(path, result)
         self.state["canary_clients_audit"] = result
         level = ERROR if bug else INFO
         log(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedllm.privacy.audit.lower_bound import gaussian_mu_epsilon
+from fedllm.privacy.userdp import poisson_sample
 
 __all__ = ["CLIENTS", "GRADIENTS", "CanaryDirections", "flatten_arrays"]
 
@@ -65,10 +66,7 @@ class CanaryDirections:
 
     def sample(self, sample_rate: float, rng: np.random.Generator) -> list[int]:
         """Inserted canaries taking part in this step or round, each w.p. `sample_rate`."""
-        inserted = np.flatnonzero(self.included)
-        if sample_rate >= 1.0:
-            return [int(k) for k in inserted]
-        return [int(k) for k in inserted if rng.random() < sample_rate]
+        return poisson_sample([int(k) for k in np.flatnonzero(self.included)], sample_rate, rng)
 
     def contribution(self, canaries: Sequence[int], clip_norm: float) -> dict[str, np.ndarray]:
         """Σ S·c_k over `canaries`, as adapter-shaped arrays (each term already at the clip)."""
@@ -90,11 +88,9 @@ class CanaryDirections:
         return np.array([float(self.direction(k) @ flat) for k in range(self.count)])
 
     def cosines(self, delta: Mapping[str, np.ndarray]) -> np.ndarray:
-        flat = flatten_arrays(delta, self.names)
-        norm = float(np.linalg.norm(flat))
-        if norm == 0:
-            return np.zeros(self.count)
-        return np.array([float(self.direction(k) @ flat) / norm for k in range(self.count)])
+        """cos(delta, u_k) per canary: the projections scaled by |delta| (u_k is unit)."""
+        norm = float(np.linalg.norm(flatten_arrays(delta, self.names)))
+        return self.scores(delta) / norm if norm > 0 else np.zeros(self.count)
 
     def estimate(
         self, delta: Mapping[str, np.ndarray], *, delta_dp: float, confidence: float = 0.95

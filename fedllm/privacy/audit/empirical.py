@@ -9,7 +9,6 @@ the proven ε means the accounting or the implementation is wrong, and is report
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from fedllm.privacy.audit.canaries import (
 )
 from fedllm.privacy.audit.lower_bound import one_run_audit
 from fedllm.privacy.ledger import DP_SGD, USER_GAUSSIAN, Ledger
+from fedllm.rundir import write_json_atomic
 
 __all__ = ["AUDIT_FILE", "AuditBugError", "audit_run", "proven_epsilon"]
 
@@ -178,7 +178,7 @@ def audit_run(
     result["status"] = "BUG" if bug else "consistent"
     out = path / AUDIT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
+    write_json_atomic(out, result)
     if bug:
         kind, bound = max(bug.items(), key=lambda kv: kv[1])
         raise AuditBugError(
