@@ -16,11 +16,21 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
-from fedllm.errors import BudgetExceededError
+from fedllm.errors import BudgetExceededError, ProtectionUnavailableError
 from fedllm.privacy.accounting import MECHANISMS
 from fedllm.privacy.budget import effective_budget
+from fedllm.privacy.distributed import noisy_clipped_contribution
 from fedllm.privacy.ledger import Ledger
-from fedllm.records import arrays_to_record, record_to_arrays, route_fedllm_logs
+from fedllm.privacy.userdp import secure_rng
+from fedllm.records import (
+    arrays_to_record,
+    ciphertexts_to_record,
+    is_encrypted,
+    record_to_arrays,
+    record_to_ciphertexts,
+    route_fedllm_logs,
+)
+from fedllm.secure.he_site import SiteHE
 from fedllm.site import (
     PrivacyState,
     SiteData,
@@ -57,6 +67,36 @@ def _prepare(
     return cfg, data, int(tokenizer.pad_token_id)
 
 
+def _site_he(cfg: FedllmConfig, msg: Message, context: Context, site: int) -> SiteHE | None:
+    """The site's HE state when the run aggregates under HE; a mismatch between what the
+    run asks and what the coordinator sends is refused (never a silent plaintext round)."""
+    config = msg.content["config"]
+    asked = cfg.strategy.secure_aggregation == "he"
+    if asked != ("he-key-id" in config):
+        raise ProtectionUnavailableError(
+            f"site {site}: the run config says strategy.secure-aggregation = "
+            f"{cfg.strategy.secure_aggregation!r} but the coordinator "
+            f"{'did not send' if asked else 'sent'} HE parameters; refusing the round."
+        )
+    if not asked:
+        return None
+    path = str(context.node_config.get("he-context", cfg.he.site_context))
+    return SiteHE.load(cfg, path, site=site)
+
+
+def _global_arrays(msg: Message, he: SiteHE | None) -> dict[str, Any]:
+    """The global adapter from the message: decrypted (and integrity-checked) under HE."""
+    record = msg.content["arrays"]
+    if he is None or not is_encrypted(record):
+        return record_to_arrays(record)
+    config = msg.content["config"]
+    return he.open_global(
+        record_to_ciphertexts(record),
+        divisor=float(config["he-divisor"]),
+        server_key=str(config["he-key-id"]),
+    )
+
+
 def create_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     """The ClientApp; `overrides` (flat keys) are laid over the run config (for tests)."""
     client_app = ClientApp()
@@ -76,6 +116,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and privacy spend."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
+    he = _site_he(cfg, msg, context, data.site)
+    global_arrays = _global_arrays(msg, he)
     ledger = _site_ledger(cfg, context, data.site)
     state = PrivacyState.from_ledger(ledger.records())
     config = msg.content["config"]
@@ -89,7 +131,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         out = run_train(
             cfg,
             data,
-            record_to_arrays(msg.content["arrays"]),
+            global_arrays,
             state,
             pad_token_id=pad_id,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -127,14 +169,57 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         out.result.mean_loss,
         out.epsilon,
     )
+    if he is not None:
+        return Message(content=_sealed(cfg, msg, he, global_arrays, out, metrics), reply_to=msg)
     content = RecordDict({"arrays": arrays_to_record(out.arrays), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _sealed(
+    cfg: FedllmConfig,
+    msg: Message,
+    he: SiteHE,
+    global_arrays: dict[str, Any],
+    out: Any,
+    metrics: MetricRecord,
+) -> RecordDict:
+    """The encrypted reply: example-weighted adapter (FedAvg), or under user-level DP the
+    site's clipped update plus its 1/n share of the Gaussian noise, weight 1."""
+    num_sites = int(msg.content["config"]["he-sites"])
+    if cfg.privacy.user_level:
+        values, norm = noisy_clipped_contribution(
+            global_arrays,
+            out.arrays,
+            clip_norm=cfg.privacy.user_clip,
+            noise_multiplier=cfg.privacy.user_noise_multiplier,
+            num_sites=num_sites,
+            rng=secure_rng(),
+        )
+        weight = 1.0
+        log.info(
+            "site %d: update norm %.4g clipped to %g, noise share added",
+            he.site,
+            norm,
+            cfg.privacy.user_clip,
+        )
+    else:
+        values, weight = out.arrays, float(out.num_examples)
+    blobs = he.seal(values, weight=weight, num_sites=num_sites)
+    metrics["he-weight"] = weight
+    return RecordDict(
+        {
+            "arrays": ciphertexts_to_record(blobs),
+            "metrics": metrics,
+            "he": ConfigRecord({"key-id": he.key}),
+        }
+    )
 
 
 def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Evaluate the global adapter on this site's held-out split."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
-    res = run_evaluate(cfg, data, record_to_arrays(msg.content["arrays"]), pad_token_id=pad_id)
+    arrays = _global_arrays(msg, _site_he(cfg, msg, context, data.site))
+    res = run_evaluate(cfg, data, arrays, pad_token_id=pad_id)
     metrics = MetricRecord(
         {
             "num-examples": res.num_examples,

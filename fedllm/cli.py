@@ -151,9 +151,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path, config, summary = _load_run(args.run)
     cfg = _run_config(config)
-    ckpt = summary.get("adapter", {}).get("final_checkpoint")
+    ckpt = args.adapter or summary.get("adapter", {}).get("final_checkpoint")
     if not ckpt or not Path(ckpt).is_dir():
         raise RunDirError(f"run {path} has no adapter checkpoint; train at least one round.")
+    if not (Path(ckpt) / "adapter_model.safetensors").is_file():
+        raise RunDirError(
+            f"{ckpt} holds no plaintext adapter (an HE run's adapter is encrypted): decrypt it "
+            f"at a site with `fedllm he decrypt {args.run} --out DIR`, then pass --adapter DIR."
+        )
     device = pick_device(args.device)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
     model = PeftModel.from_pretrained(load_base_model(cfg.model, device), ckpt)
@@ -174,6 +179,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
             pad_token_id=tokenizer.pad_token_id,
         )
     print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_keys_he_init(args: argparse.Namespace) -> int:
+    from fedllm.config import parse_config
+    from fedllm.secure.he import KEY_FILE, PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
+
+    cfg = parse_config(
+        {
+            "he.poly-modulus-degree": args.poly_modulus_degree,
+            "he.coeff-mod-bit-sizes": args.coeff_mod_bit_sizes,
+            "he.scale-bits": args.scale_bits,
+        }
+    )
+    out = Path(args.out)
+    info = write_key_files(cfg.he.params, out, force=args.force)
+    print(f"CKKS key {info['key_id']}")
+    print(
+        f"  N={info['poly_modulus_degree']}, primes {info['coeff_mod_bit_sizes']} bits, "
+        f"scale 2^{info['scale_bits']}"
+    )
+    print(f"  {out / SECRET_CONTEXT}  (0600) sites only: hand over out of band")
+    print(f"  {out / PUBLIC_CONTEXT}  the coordinator: can add ciphertexts, cannot decrypt")
+    print(f"  {out / KEY_FILE}  parameters and key id")
+    return 0
+
+
+def cmd_he_decrypt(args: argparse.Namespace) -> int:
+    from fedllm.model import save_peft_adapter
+    from fedllm.secure.he_site import decrypt_adapter
+
+    path, config, summary = _load_run(args.run)
+    cfg = _run_config(config)
+    if cfg.strategy.secure_aggregation != "he":
+        raise RunDirError(f"run {path} did not aggregate under HE; its adapter is plaintext.")
+    if args.checkpoint:
+        ckpt = path / "checkpoints" / args.checkpoint
+    else:
+        ckpt = Path(summary.get("adapter", {}).get("final_checkpoint") or path / "none")
+    arrays, facts = decrypt_adapter(cfg, ckpt, args.context or cfg.he.site_context)
+    out = Path(args.out or f"{cfg.run.name}-{ckpt.name}-adapter")
+    save_peft_adapter(out, arrays, model_cfg=cfg.model, lora_cfg=cfg.lora)
+    print(
+        f"decrypted {ckpt} ({facts['ciphertexts']} ciphertexts, key {facts['key_id'][:12]}..., "
+        f"total weight {facts['total_weight']:g}; every check slot verified)"
+    )
+    print(f"peft adapter written to {out}")
     return 0
 
 
@@ -264,7 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    gen.add_argument("--adapter", help="a peft adapter directory instead of the run's last")
     gen.set_defaults(func=cmd_generate)
+
+    keys = sub.add_parser("keys", help="key ceremonies").add_subparsers(
+        dest="keys_command", required=True
+    )
+    he_init = keys.add_parser(
+        "he-init",
+        help="make the CKKS keys: a secret context for sites, a public one for the server",
+    )
+    he_init.add_argument("--out", default="keys/he", help="directory for the key files")
+    he_init.add_argument("--poly-modulus-degree", type=int, default=8192)
+    he_init.add_argument("--coeff-mod-bit-sizes", default="60,60")
+    he_init.add_argument("--scale-bits", type=int, default=40)
+    he_init.add_argument("--force", action="store_true", help="overwrite existing keys")
+    he_init.set_defaults(func=cmd_keys_he_init)
+
+    he = sub.add_parser("he", help="homomorphic aggregation").add_subparsers(
+        dest="he_command", required=True
+    )
+    dec = he.add_parser("decrypt", help="decrypt an HE run's adapter (at a site) to peft format")
+    dec.add_argument("run", help="outputs/<run-name> (a copy of the coordinator's run dir)")
+    dec.add_argument("--context", help="the site's secret.context (default: he.site-context)")
+    dec.add_argument("--checkpoint", help="round-N under checkpoints/ (default: the last)")
+    dec.add_argument("--out", help="adapter directory (default: ./<run>-<round>-adapter)")
+    dec.set_defaults(func=cmd_he_decrypt)
 
     model = sub.add_parser("model", help="base models").add_subparsers(
         dest="model_command", required=True

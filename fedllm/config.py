@@ -24,6 +24,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "FedllmConfig",
+    "HEConfig",
     "LoraConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -48,6 +49,8 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
+SECURE_AGGREGATION = ("none", "he")
+HE_DROPOUT = ("account", "abort")
 
 
 def _help(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -306,6 +309,13 @@ class StrategyConfig:
     server_momentum: float = field(default=0.9, metadata=_help("momentum for FedAvgM"))
     proximal_mu: float = field(default=0.01, metadata=_help("FedProx proximal term weight"))
     tau: float = field(default=1e-3, metadata=_help("adaptivity for FedAdam/Yogi/Adagrad"))
+    secure_aggregation: str = field(
+        default="none",
+        metadata=_help(
+            "he: sites send CKKS ciphertexts and the server sums what it cannot read",
+            SECURE_AGGREGATION,
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -413,6 +423,55 @@ class AuditConfig:
 
 
 @dataclass
+class HEConfig:
+    """Homomorphic aggregation (TenSEAL CKKS), used when strategy.secure-aggregation = "he".
+
+    The parameters are the key ceremony's (`fedllm keys he-init` reads them); every party
+    checks its context against them at start.
+    """
+
+    poly_modulus_degree: int = field(default=8192, metadata=_help("CKKS ring degree N"))
+    coeff_mod_bit_sizes: str = field(
+        default="60,60",
+        metadata=_help("bits per prime of the coefficient modulus; additions need only two"),
+    )
+    scale_bits: int = field(default=40, metadata=_help("CKKS scale 2^s: fractional precision"))
+    public_context: str = field(
+        default="keys/he/public.context",
+        metadata=_help("the coordinator's context: public key only, it cannot decrypt"),
+    )
+    site_context: str = field(
+        default="keys/he/secret.context",
+        metadata=_help("a site's secret context (a node config `he-context` overrides it)"),
+    )
+    on_dropout: str = field(
+        default="account",
+        metadata=_help(
+            "distributed DP when sites drop: account the noise actually present, or abort "
+            "the round",
+            HE_DROPOUT,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        from fedllm.secure.he_params import problems
+
+        for key, why in problems(self.params):
+            value = {
+                "he.poly-modulus-degree": self.poly_modulus_degree,
+                "he.coeff-mod-bit-sizes": self.coeff_mod_bit_sizes,
+                "he.scale-bits": self.scale_bits,
+            }[key]
+            _require(False, key, value, why)
+
+    @property
+    def params(self) -> Any:
+        from fedllm.secure.he_params import HEParams
+
+        return HEParams.parse(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits)
+
+
+@dataclass
 class FedllmConfig:
     """Every setting of a run; `parse_config` is the only way in from flat keys."""
 
@@ -425,6 +484,7 @@ class FedllmConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    he: HEConfig = field(default_factory=HEConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -537,8 +597,39 @@ def _check_cross_section(cfg: FedllmConfig) -> None:
             "config key 'audit.canary-clients' audits user-level DP: set privacy.mode to "
             "'user' or 'record+user' (or 'none' for a non-DP baseline)."
         )
+    if cfg.strategy.secure_aggregation == "he":
+        _check_he(cfg)
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu == 0:
         raise ConfigError("config key 'strategy.proximal-mu' = 0.0 makes FedProx plain FedAvg.")
+
+
+def _check_he(cfg: FedllmConfig) -> None:
+    """What homomorphic aggregation cannot do: the server never sees a plaintext update."""
+    why = None
+    if cfg.strategy.name != "fedavg":
+        why = (
+            f"'strategy.name' = {cfg.strategy.name!r} needs the aggregate in plaintext at the "
+            "server; use 'fedavg'"
+        )
+    elif not cfg.lora.ffa:
+        why = (
+            "'lora.ffa' = false: averaging LoRA's A and B separately is not the average of "
+            "B·A; HE aggregation needs FFA-LoRA (A frozen, only B sent) to be exact"
+        )
+    elif cfg.audit.canary_clients or cfg.audit.at_site:
+        why = "audit.* canaries need the final adapter in plaintext at the auditor"
+    elif cfg.privacy.user_level and cfg.privacy.user_clipping != "fixed":
+        why = (
+            "'privacy.user-clipping' = 'adaptive' needs a server-side count of clipped "
+            "updates; under HE each site clips to a fixed 'privacy.user-clip'"
+        )
+    elif cfg.privacy.user_level and cfg.strategy.fraction_train != 1.0:
+        why = (
+            "distributed DP under HE needs every site every round (each adds 1/n of the "
+            "noise); set 'strategy.fraction-train' = 1.0"
+        )
+    if why:
+        raise ConfigError(f"strategy.secure-aggregation = 'he': {why}.")
 
 
 def config_hash(cfg: FedllmConfig) -> str:

@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "FedllmError",
     "InvalidUpdateError",
+    "KeyFileError",
     "ModelError",
     "ProtectionUnavailableError",
     "RunDirError",
@@ -32,6 +33,10 @@ class ModelError(FedllmError):
 
 class InvalidUpdateError(FedllmError):
     """An incoming update has wrong names, shapes, dtypes or non-finite values."""
+
+
+class KeyFileError(FedllmError):
+    """A key or context file is missing, unreadable, too open, or holds the wrong kind of key."""
 
 
 class ProtectionUnavailableError(FedllmError):

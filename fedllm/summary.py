@@ -85,6 +85,7 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
             "secure_rng": False,
         },
         "user_level": _user_level(cfg, state),
+        "secure_aggregation": state.get("secure_aggregation"),
         "audit": {"canary_clients": state["canary_clients_audit"]}
         if "canary_clients_audit" in state
         else {},
@@ -120,8 +121,14 @@ def _user_level(cfg: FedllmConfig, state: dict[str, Any]) -> dict[str, Any] | No
     last = rounds[-1] if rounds else {}
     cap = p.user_epsilon_max or None
     spent = last.get("epsilon")
+    he = cfg.strategy.secure_aggregation == "he"
     return {
-        "mechanism": "DP-FedAvg (Gaussian), add/remove one site's whole dataset",
+        "mechanism": (
+            "DP-FedAvg with distributed Gaussian noise (each of n sites adds N(0, z^2 S^2 / n) "
+            "before encrypting), add/remove one site's whole dataset"
+            if he
+            else "DP-FedAvg (Gaussian), add/remove one site's whole dataset"
+        ),
         "epsilon": spent,
         "delta": p.user_delta,
         "epsilon_by_accountant": last.get("epsilon_by_accountant", {}),
@@ -129,7 +136,8 @@ def _user_level(cfg: FedllmConfig, state: dict[str, Any]) -> dict[str, Any] | No
         "clipping": p.user_clipping,
         "clip_norm": [r["clip_norm"] for r in rounds],
         "sample_rate": cfg.strategy.fraction_train,
-        "sampling": "poisson (sites)",
+        "sampling": "every site every round" if he else "poisson (sites)",
+        "noise_multiplier_accounted": [r.get("noise_multiplier") for r in rounds] if he else None,
         "epsilon_max": cap,
         "within_budget": cap is None or spent is None or spent <= cap,
         "rounds": rounds,

@@ -24,12 +24,14 @@ from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adap
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.audit.directions import CanaryDirections
 from fedllm.privacy.budget import check_budget
+from fedllm.privacy.distributed import effective_noise_multiplier
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
+from server.secure_aggregation import HEAggregator
 from server.strategies import build_strategy
 
 
@@ -82,11 +84,15 @@ def _dp_label(cfg: FedllmConfig) -> str:
         parts.append(f"record-level sigma={cfg.privacy.noise_multiplier}")
     if cfg.privacy.user_level:
         p = cfg.privacy
+        where = "noise added by the sites" if _he(cfg) else f"q={cfg.strategy.fraction_train}"
         parts.append(
-            f"user-level z={p.user_noise_multiplier} S={p.user_clip} ({p.user_clipping}) "
-            f"q={cfg.strategy.fraction_train}"
+            f"user-level z={p.user_noise_multiplier} S={p.user_clip} ({p.user_clipping}) {where}"
         )
     return " + ".join(parts) or "off"
+
+
+def _he(cfg: FedllmConfig) -> bool:
+    return cfg.strategy.secure_aggregation == "he"
 
 
 class FederatedRun:
@@ -114,6 +120,8 @@ class FederatedRun:
         )
         self._user_report: dict[str, float | bool] = {}
         self.rng = secure_rng()
+        # Loaded (and a secret-key context refused) before anything else happens.
+        self.he = HEAggregator(cfg, dict(self.expected)) if _he(cfg) else None
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, kind: str, server_round: int, site: str, metrics: dict[str, Any]) -> None:
@@ -138,9 +146,12 @@ class FederatedRun:
             return
         from safetensors.numpy import load_file
 
-        saved = load_file(str(ckpt / "adapter_model.safetensors"))
-        self.full.update(saved)
-        self.arrays = {n: saved[n] for n in self.spec.sent}
+        if self.he is not None:
+            self.he.resume(ckpt)
+        else:
+            saved = load_file(str(ckpt / "adapter_model.safetensors"))
+            self.full.update(saved)
+            self.arrays = {n: saved[n] for n in self.spec.sent}
         log(INFO, "fedllm: resuming %s after round %d", self.run.path, self.rounds_completed)
 
     def _wait_for_sites(self) -> None:
@@ -178,8 +189,18 @@ class FederatedRun:
         self._resume()
         self._wait_for_sites()
         strategy = build_strategy(cfg, num_sites=self.num_sites)
-        if cfg.privacy.user_level or self.canary_clients is not None:
+        if (cfg.privacy.user_level or self.canary_clients is not None) and self.he is None:
             self.user_dp = self._user_dp_settings()
+        if self.he is not None:
+            he_state = self.state.setdefault("secure_aggregation", {"rounds": []})
+            he_state.update(
+                scheme="CKKS (TenSEAL), the coordinator holds only the public context",
+                key_id=self.he.key,
+                poly_modulus_degree=cfg.he.poly_modulus_degree,
+                coeff_mod_bit_sizes=cfg.he.coeff_mod_bit_sizes,
+                scale_bits=cfg.he.scale_bits,
+                ciphertexts_per_update=len(self.he.packing.chunk_sizes),
+            )
         self.state["adapter"] = {
             "ffa": cfg.lora.ffa,
             "sent_tensors": len(self.arrays),
@@ -188,11 +209,12 @@ class FederatedRun:
         }
         log(
             INFO,
-            "fedllm: run %s -> %s | %d sites | %s | DP %s | %d tensors (%d params) travel",
+            "fedllm: run %s -> %s | %d sites | %s%s | DP %s | %d tensors (%d params) travel",
             cfg.run.name,
             RunDir.path_for(cfg),
             self.num_sites,
             cfg.strategy.name,
+            f" over CKKS ciphertexts (key {self.he.key[:12]})" if self.he else "",
             _dp_label(cfg),
             len(self.arrays),
             self.state["adapter"]["sent_parameters"],
@@ -278,16 +300,28 @@ class FederatedRun:
         return [r for r in replies if not r.has_error()]
 
     def _config(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord({"run-name": self.cfg.run.name, "server-round": server_round})
+        he = self.he.config(self.num_sites) if self.he else {}
+        return ConfigRecord({"run-name": self.cfg.run.name, "server-round": server_round, **he})
+
+    def _payload(self) -> Any:
+        """The global adapter as it travels: plaintext, or the encrypted aggregate under HE."""
+        return self.he.payload(self.arrays) if self.he else arrays_to_record(self.arrays)
 
     def _train(self, strategy: Any, server_round: int) -> bool:
         messages = list(
             strategy.configure_train(
-                server_round, arrays_to_record(self.arrays), self._config(server_round), self.grid
+                server_round, self._payload(), self._config(server_round), self.grid
             )
         )
+        if self.he is not None and self.cfg.privacy.user_level:
+            # Best case (every noise share arrives); the sum actually formed is checked again.
+            z = self.cfg.privacy.user_noise_multiplier
+            if not self._user_budget_allows(server_round, z, 1.0):
+                return False
         if self.user_dp is not None:
-            if self.cfg.privacy.user_level and not self._user_budget_allows(server_round):
+            if self.cfg.privacy.user_level and not self._user_budget_allows(
+                server_round, self.user_dp.noise_multiplier, self.user_dp.sample_rate
+            ):
                 return False
             keep = set(
                 poisson_sample(
@@ -305,6 +339,7 @@ class FederatedRun:
             )
         replies = self._send(messages, "train", server_round) if messages else []
         valid = []
+        he_sum = self.he.new_sum() if self.he else None
         for reply in replies:
             sender = f"node {reply.metadata.src_node_id}"
             try:
@@ -320,9 +355,12 @@ class FederatedRun:
                     )
                     continue
                 self._ledger_spend(server_round, metrics)
-                check_update(
-                    record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
-                )
+                if he_sum is not None:
+                    HEAggregator.add(he_sum, reply, sender=sender, site=int(metrics["site"]))
+                else:
+                    check_update(
+                        record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
+                    )
             except (InvalidUpdateError, KeyError) as e:
                 log(WARNING, "fedllm: rejected update: %s", e)
                 self.state.setdefault("rejected", []).append(
@@ -344,6 +382,8 @@ class FederatedRun:
             log(ERROR, "fedllm: %s", reason)
             self.state.update(status="stopped", stop_reason=reason)
             return False
+        if he_sum is not None:
+            return self._he_commit(server_round, he_sum)
         if self.user_dp is not None:
             valid = [
                 self._user_dp_aggregate(
@@ -405,14 +445,13 @@ class FederatedRun:
             if r.get("mechanism") == USER_GAUSSIAN
         ]
 
-    def _user_budget_allows(self, server_round: int) -> bool:
+    def _user_budget_allows(self, server_round: int, z: float, q: float) -> bool:
         """Refuse a round that would take the user-level ε past its budget (stop cleanly)."""
-        assert self.user_dp is not None
         p = self.cfg.privacy
         try:
             self._user_report = check_budget(
                 self._user_history(),
-                (self.user_dp.noise_multiplier, self.user_dp.sample_rate, 1),
+                (z, q, 1),
                 delta=p.user_delta,
                 budget=p.user_epsilon_max or None,
                 who="user-level DP (every site)",
@@ -423,6 +462,101 @@ class FederatedRun:
             self.state.update(status="stopped", stop_reason=reason)
             return False
         return True
+
+    def _he_commit(self, server_round: int, total: Any) -> bool:
+        """Make the round's encrypted sum the global adapter, after accounting the noise the
+        sites' shares actually put in it (distributed DP). Nothing leaves the server before
+        the ledger record is durable; a round it cannot account honestly is not released."""
+        assert self.he is not None and self.run is not None
+        cfg, n = self.cfg, self.num_sites
+        present = len(total.contributors)
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "contributors": sorted(total.contributors),
+            "total_weight": total.weight,
+        }
+        he_state = self.state.setdefault("secure_aggregation", {"rounds": []})
+        if cfg.privacy.user_level:
+            if present < n and cfg.he.on_dropout == "abort":
+                reason = (
+                    f"round {server_round}: {present} of {n} sites' noise shares arrived and "
+                    "he.on-dropout = 'abort'; the sum is discarded unread and the global "
+                    "adapter stays as it was."
+                )
+                log(WARNING, "fedllm: %s", reason)
+                he_state["rounds"].append({**entry, "aborted": reason})
+                return True
+            z = effective_noise_multiplier(cfg.privacy.user_noise_multiplier, present, n)
+            if not self._user_budget_allows(server_round, z, 1.0):
+                return False
+            self._he_ledger(server_round, total, z)
+            entry["noise_multiplier"] = z
+        self.he.commit(total)
+        entry["ciphertext_bytes"] = self.he.ciphertext_bytes()
+        he_state["rounds"].append(entry)
+        log(
+            INFO,
+            "fedllm: [round %d] summed %d encrypted updates (%d ciphertexts each, %.1f MB) "
+            "without decrypting; total weight %g",
+            server_round,
+            present,
+            len(self.he.packing.chunk_sizes),
+            entry["ciphertext_bytes"] / 1e6,
+            total.weight,
+        )
+        return True
+
+    def _he_ledger(self, server_round: int, total: Any, z: float) -> None:
+        """The user-level record of a distributed-noise round, at the noise present."""
+        p, n = self.cfg.privacy, self.num_sites
+        report = self._user_report
+        present = len(total.contributors)
+        entry = user_dp_entry(
+            run_id=self.cfg.run.name,
+            server_round=server_round,
+            noise_multiplier=z,
+            update_noise_multiplier=z,
+            sample_rate=1.0,
+            clip_norm=p.user_clip,
+            clipping="fixed",
+            sampled_sites=sorted(total.contributors),
+            contributors=present,
+            expected_sites=float(n),
+            delta=p.user_delta,
+            epsilons={m: float(report[m]) for m in MECHANISMS},
+            sampling="every site every round (q = 1)",
+            noise="distributed: each site adds N(0, sigma^2 S^2 / n) before encrypting",
+            planned_noise_multiplier=p.user_noise_multiplier,
+            noise_shares=f"{present}/{n}",
+            assumption=(
+                "every contributing site is honest and added its noise share; the "
+                "coordinator, which sums ciphertexts, does not collude with any site"
+            ),
+        )
+        Ledger(self.run.path / LEDGER_FILE).append(entry)
+        self.state.setdefault("user_dp", {}).setdefault("rounds", []).append(
+            {
+                "round": server_round,
+                "sampled": n,
+                "contributors": present,
+                "clip_norm": p.user_clip,
+                "noise": "distributed",
+                "noise_multiplier": z,
+                "epsilon": float(report["epsilon"]),
+                "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS},
+            }
+        )
+        log(
+            INFO,
+            "fedllm: [round %d] distributed DP: %d of %d noise shares -> z = %.4f, user-level "
+            "epsilon %.4f (delta %g)",
+            server_round,
+            present,
+            n,
+            z,
+            float(report["epsilon"]),
+            p.user_delta,
+        )
 
     def _user_dp_aggregate(
         self, server_round: int, replies: list[Message], sampled: list[int]
@@ -541,7 +675,7 @@ class FederatedRun:
     def _evaluate(self, strategy: Any, server_round: int) -> None:
         messages = list(
             strategy.configure_evaluate(
-                server_round, arrays_to_record(self.arrays), self._config(server_round), self.grid
+                server_round, self._payload(), self._config(server_round), self.grid
             )
         )
         for reply in self._send(messages, "evaluate", server_round):
@@ -549,7 +683,10 @@ class FederatedRun:
             self._record("evals", server_round, str(int(metrics["site"])), metrics)
 
     def _checkpoint(self, server_round: int) -> None:
-        self.full.update(self.arrays)
         path = self.run.checkpoint_dir(server_round)
-        save_peft_adapter(path, self.full, model_cfg=self.cfg.model, lora_cfg=self.cfg.lora)
+        if self.he is not None:  # the server never holds the global adapter in plaintext
+            self.he.save(path)
+        else:
+            self.full.update(self.arrays)
+            save_peft_adapter(path, self.full, model_cfg=self.cfg.model, lora_cfg=self.cfg.lora)
         self.state["adapter"]["final_checkpoint"] = str(path)

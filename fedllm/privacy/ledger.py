@@ -222,12 +222,15 @@ def user_dp_entry(
     expected_sites: float,
     delta: float,
     epsilons: dict[str, float],
+    sampling: str = "poisson (sites)",
+    **extra: Any,
 ) -> dict[str, Any]:
-    """One round of user-level DP-FedAvg at the server: one Poisson-sampled Gaussian step.
+    """One round of user-level DP-FedAvg: one Poisson-sampled Gaussian step.
 
     `noise_multiplier` is the effective z the accountants compose (with adaptive clipping it
-    covers both the update and the clipped-count query); `update_noise_multiplier` is the z_Δ
-    actually applied to the sum of updates.
+    covers both the update and the clipped-count query; with distributed noise under HE, the
+    share of noise that actually reached the sum); `update_noise_multiplier` is the z_Δ
+    applied to the sum of updates. `extra` records how the noise was made (e.g. by the sites).
     """
     return _spend_entry(
         run_id=run_id,
@@ -236,7 +239,7 @@ def user_dp_entry(
         mechanism=USER_GAUSSIAN,
         level="user",
         neighbouring="add/remove one site's whole dataset",
-        sampling="poisson (sites)",
+        sampling=sampling,
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate,
         steps=1,
@@ -246,6 +249,7 @@ def user_dp_entry(
         sampled_sites=[int(x) for x in sampled_sites],
         contributors=int(contributors),
         expected_sites=float(expected_sites),
+        **extra,
         delta=delta,
         epsilons=epsilons,
     )

@@ -1,0 +1,1 @@
+"""Cryptography at the edges of a round: homomorphic aggregation (CKKS)."""
