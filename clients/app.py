@@ -30,6 +30,7 @@ from fedllm.records import (
     record_to_ciphertexts,
     route_fedllm_logs,
 )
+from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.site import (
     PrivacyState,
@@ -210,7 +211,7 @@ def _sealed(
         {
             "arrays": ciphertexts_to_record(blobs),
             "metrics": metrics,
-            "he": ConfigRecord({"key-id": he.key}),
+            "he": ConfigRecord({"key-id": he.key, "sha256": payload_digest(blobs)}),
         }
     )
 

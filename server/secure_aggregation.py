@@ -62,8 +62,14 @@ class HEAggregator:
             raise InvalidUpdateError(f"{sender}: sent no HE key id; plaintext is not accepted.")
         blobs = record_to_ciphertexts(content["arrays"])
         weight = float(content["metrics"].get("he-weight", float("nan")))
+        he = content["he"]
         total.add(
-            blobs, weight=weight, key=str(content["he"].get("key-id", "")), sender=sender, site=site
+            blobs,
+            weight=weight,
+            key=str(he.get("key-id", "")),
+            digest=str(he.get("sha256", "")),
+            sender=sender,
+            site=site,
         )
 
     def commit(self, total: EncryptedSum) -> None:

@@ -136,7 +136,8 @@ def clip_update(update: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray]
     names = list(update)
     values = [np.array(update[n], dtype=np.float64) for n in names]
     norm = float(get_norm(values))
-    clip_inputs_inplace(values, clip_norm)
+    if norm > 0:  # Flower's helper divides by the norm; a zero update needs no clipping
+        clip_inputs_inplace(values, clip_norm)
     return dict(zip(names, values, strict=True)), norm
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "load_public_context",
     "load_secret_context",
     "make_secret_context",
+    "payload_digest",
     "public_context_bytes",
     "write_key_files",
 ]
@@ -210,6 +211,18 @@ def encrypt_chunks(ctx: Any, chunks: Sequence[np.ndarray]) -> list[bytes]:
     return [bytes(ts.ckks_vector(ctx, chunk.tolist()).serialize()) for chunk in chunks]
 
 
+def payload_digest(blobs: Sequence[bytes]) -> str:
+    """SHA-256 over the length-prefixed ciphertexts. A ciphertext whose bytes were damaged
+    often still parses (its coefficients stay below the modulus) and would decrypt to
+    garbage; the digest the site sends with it catches that before it touches the sum.
+    It guards against corruption, not forgery: signatures do that."""
+    h = hashlib.sha256()
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "little"))
+        h.update(blob)
+    return h.hexdigest()
+
+
 def decrypt_chunks(ctx: Any, blobs: Sequence[bytes], *, what: str) -> list[np.ndarray]:
     """Decrypt with the secret context; a blob that does not parse is refused by name."""
     ts = _tenseal()
@@ -239,7 +252,14 @@ class EncryptedSum:
     _sum: list[Any] | None = None
 
     def add(
-        self, blobs: Sequence[bytes], *, weight: float, key: str, sender: str, site: int
+        self,
+        blobs: Sequence[bytes],
+        *,
+        weight: float,
+        key: str,
+        digest: str,
+        sender: str,
+        site: int,
     ) -> None:
         """Add one site's contribution, or raise `InvalidUpdateError` naming it and why."""
         if key != self.key:
@@ -252,6 +272,12 @@ class EncryptedSum:
         if len(blobs) != len(self.sizes):
             raise InvalidUpdateError(
                 f"{sender}: sent {len(blobs)} ciphertexts, expected {len(self.sizes)}."
+            )
+        got = payload_digest(blobs)
+        if got != digest:
+            raise InvalidUpdateError(
+                f"{sender}: ciphertext payload is corrupted (SHA-256 {got[:12]}... differs from "
+                f"the {str(digest)[:12]}... the site computed)."
             )
         ts = _tenseal()
         vectors = []
