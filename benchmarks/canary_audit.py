@@ -28,17 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _simulate(overrides: dict, sites: int) -> None:
-    from flwr.simulation import run_simulation
+    from tests.simulate import simulate
 
-    from clients.app import create_app as client_app
-    from server.app import create_app as server_app
-
-    run_simulation(
-        server_app=server_app(overrides),
-        client_app=client_app(overrides),
-        num_supernodes=sites,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate(overrides, sites=sites)
 
 
 def main() -> None:

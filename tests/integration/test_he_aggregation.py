@@ -80,9 +80,7 @@ def _client_app(overrides: dict[str, Any], foreign: str, dump: str) -> Any:
 
 @pytest.fixture(scope="module")
 def he_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from server.app import create_app as server_app
+    from tests.simulate import simulate
 
     root = tmp_path_factory.mktemp("he")
     keys, foreign, dump = root / "keys", root / "foreign-keys", root / "sealed"
@@ -106,21 +104,21 @@ def he_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "data.max-length": 256,
         "eval.max-examples": 8,
     }
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     sys.addaudithook(_audit)
     _WATCH["on"] = True
     try:
-        run_simulation(
-            server_app=server_app(overrides),
+        simulate(
+            overrides,
+            sites=SITES,
             client_app=_client_app(overrides, str(foreign / SECRET_CONTEXT), str(dump)),
-            num_supernodes=SITES,
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
         )
     finally:
         _WATCH["on"] = False
     run_dir = root / "runs" / "tiny-he"
     return {
         "dir": run_dir,
+        "overrides": overrides,
+        "client": (str(foreign / SECRET_CONTEXT), str(dump)),
         "keys": keys,
         "dump": dump,
         "opened": list(_OPENED),
@@ -208,3 +206,21 @@ def test_site_decrypts_the_mean_of_exactly_what_the_accepted_sites_encrypted(
         expected = (sealed[0][name] + sealed[1][name]) / 2
         assert np.abs(decrypted[name] - expected).max() <= 1e-6 * scale, name
     assert any(".lora_A." in n for n in decrypted)  # the full adapter, not only what travelled
+
+
+def test_rerun_resumes_from_the_encrypted_checkpoint(he_run: dict[str, Any]) -> None:
+    """Raising run.rounds resumes from round 2's ciphertexts (the server never had more):
+    one more round is summed, accounted and checkpointed encrypted. Runs last: it extends
+    the shared run."""
+    from tests.simulate import simulate
+
+    overrides = {**he_run["overrides"], "run.rounds": 3}
+    simulate(overrides, sites=SITES, client_app=_client_app(overrides, *he_run["client"]))
+    summary = json.loads((he_run["dir"] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    assert [r["round"] for r in summary["secure_aggregation"]["rounds"]] == [1, 2, 3]
+    records = Ledger(he_run["dir"] / "ledger.jsonl").records()
+    assert [r["round"] for r in records if r["mechanism"] == USER_GAUSSIAN] == [1, 2, 3]
+    assert verify_records(records) == []
+    final = Path(summary["adapter"]["final_checkpoint"])
+    assert final.name == "round-3" and (final / "encrypted_adapter.safetensors").is_file()

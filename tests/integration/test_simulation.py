@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import Ledger
+from tests.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -18,18 +18,7 @@ SITES = 3
 
 
 def _simulate(overrides: dict[str, Any]) -> None:
-    from flwr.simulation import run_simulation
-
-    from clients.app import create_app as client_app
-    from server.app import create_app as server_app
-
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    run_simulation(
-        server_app=server_app(overrides),
-        client_app=client_app(overrides),
-        num_supernodes=SITES,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate(overrides, sites=SITES)
 
 
 @pytest.fixture(scope="module")

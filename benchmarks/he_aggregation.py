@@ -1,0 +1,171 @@
+"""Cost of homomorphic aggregation: `python benchmarks/he_aggregation.py`.
+
+Two parts, both measured in this one process:
+
+- **Primitives, one core** (the process is pinned to one CPU): pack + encrypt, the server's
+  check + add, and decrypt + unpack of 1M adapter parameters, for the default chain and for
+  a longer one; ciphertext bytes / fp32 bytes; the error of the decrypted sum.
+- **Rounds on the quickstart**: the embedded SmolLM2-135M, 3 chatterbot sites, record-level
+  DP-SGD, FFA-LoRA; the same config with plaintext FedAvg and with HE, side by side. Each
+  run's round wall times come from its own `summary.json`.
+
+Writes `benchmarks/results/he_aggregation.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _primitives(chain: tuple[int, ...], values: int, repeats: int, sites: int) -> dict:
+    from fedllm.secure.he import (
+        EncryptedSum,
+        decrypt_chunks,
+        encrypt_chunks,
+        key_id,
+        make_secret_context,
+        payload_digest,
+        public_context_bytes,
+    )
+    from fedllm.secure.he_params import HEParams
+    from fedllm.secure.packing import Packing
+
+    params = HEParams(coeff_mod_bit_sizes=chain)
+    secret = make_secret_context(params)
+    import tenseal as ts
+
+    public = ts.context_from(public_context_bytes(secret))
+    packing = Packing.for_arrays({"x": (values,)}, params.slots)
+    rng = np.random.default_rng(0)
+    updates = [{"x": rng.normal(0, 1e-2, values).astype(np.float32)} for _ in range(sites)]
+    weights = [float(w) for w in rng.integers(100, 1000, sites)]
+    enc, add, dec, errors, size = [], [], [], [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        blobs = [
+            encrypt_chunks(secret, packing.pack(u, w))
+            for u, w in zip(updates, weights, strict=True)
+        ]
+        enc.append((time.perf_counter() - t) / sites)
+        size = sum(len(b) for b in blobs[0])
+        total = EncryptedSum(public, key_id(secret), packing.chunk_sizes)
+        t = time.perf_counter()
+        for i, (b, w) in enumerate(zip(blobs, weights, strict=True)):
+            total.add(
+                b, weight=w, key=key_id(secret), digest=payload_digest(b), sender=f"s{i}", site=i
+            )
+        summed = total.blobs()
+        add.append((time.perf_counter() - t) / sites)
+        t = time.perf_counter()
+        out = packing.unpack(decrypt_chunks(secret, summed, what="sum"), total.weight)
+        dec.append(time.perf_counter() - t)
+        plain = sum(w * u["x"].astype(np.float64) for u, w in zip(updates, weights, strict=True))
+        plain /= sum(weights)
+        scale = max(float(np.abs(u["x"]).max()) for u in updates)
+        errors.append(float(np.abs(out["x"] - plain).max()) / scale)
+    per_m = 1e6 / values
+    return {
+        "coeff_mod_bit_sizes": list(chain),
+        "poly_modulus_degree": params.poly_modulus_degree,
+        "scale_bits": params.scale_bits,
+        "ciphertexts_per_1m": len(packing.chunk_sizes) * per_m,
+        "encrypt_seconds_per_1m": statistics.median(enc) * per_m,
+        "server_check_and_add_seconds_per_1m_per_site": statistics.median(add) * per_m,
+        "decrypt_seconds_per_1m": statistics.median(dec) * per_m,
+        "ciphertext_bytes_over_fp32": size / (4 * values),
+        "max_abs_error_relative_to_update_scale": max(errors),
+    }
+
+
+def _round_runs(work: Path, rounds: int) -> dict:
+    from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
+    from fedllm.secure.he_params import HEParams
+    from tests.simulate import simulate
+
+    keys = work / "keys"
+    if not (keys / PUBLIC_CONTEXT).is_file():
+        write_key_files(HEParams(), keys)
+    base = {"run.rounds": rounds, "run.output-dir": str(work / "runs"), "run.seed": 0}
+    modes = {
+        "plaintext": {"run.name": "plaintext"},
+        "he": {
+            "run.name": "he",
+            "strategy.secure-aggregation": "he",
+            "he.public-context": str(keys / PUBLIC_CONTEXT),
+            "he.site-context": str(keys / SECRET_CONTEXT),
+        },
+    }
+    out = {}
+    for mode, extra in modes.items():
+        summary_file = work / "runs" / extra["run.name"] / "summary.json"
+        if not summary_file.is_file():
+            t = time.perf_counter()
+            simulate({**base, **extra})
+            print(f"{mode}: {time.perf_counter() - t:.0f}s", flush=True)
+        s = json.loads(summary_file.read_text())
+        out[mode] = {
+            "round_seconds": s["round_seconds"],
+            "eval_loss": s["eval_loss"],
+            "epsilon": s["epsilon"],
+            "bytes_per_round": s["bytes_per_round"],
+            "status": s["status"],
+        }
+    plain, he = (statistics.mean(out[m]["round_seconds"]) for m in ("plaintext", "he"))
+    out["he_over_plaintext_round_time"] = he / plain
+    up = [out[m]["bytes_per_round"][-1]["up"] for m in ("plaintext", "he")]
+    out["he_over_plaintext_upload_bytes"] = up[1] / up[0]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per quickstart run")
+    parser.add_argument("--skip-rounds", action="store_true")
+    parser.add_argument("--work", help="working directory (reuses finished runs in it)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/he_aggregation.json"))
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-he-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # "one core": TenSEAL may otherwise use threads
+    primitives = [
+        _primitives(c, args.values, args.repeats, 3) for c in ((60, 60), (60, 40, 40, 60))
+    ]
+    os.sched_setaffinity(0, cpus)
+    for p in primitives:
+        print(json.dumps(p), flush=True)
+    result = {
+        "benchmark": "he_aggregation",
+        "command": "python benchmarks/he_aggregation.py",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "primitives_one_core": primitives,
+        "targets": {
+            "encrypt_seconds_per_1m": 1.0,
+            "ciphertext_bytes_over_fp32": 10.0,
+            "he_over_plaintext_round_time": 2.0,
+        },
+    }
+    if not args.skip_rounds:
+        result["quickstart_rounds"] = _round_runs(work, args.rounds)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
