@@ -184,8 +184,10 @@ def _sealed(
     out: Any,
     metrics: MetricRecord,
 ) -> RecordDict:
-    """The encrypted reply: example-weighted adapter (FedAvg), or under user-level DP the
-    site's clipped update plus its 1/n share of the Gaussian noise, weight 1."""
+    """The encrypted reply: the adapter weighted by examples / (the federation's examples),
+    or under user-level DP the site's clipped update plus its 1/n share of the Gaussian
+    noise, weighted 1/n. Weights summing to about 1 keep the encrypted sum as small as its
+    largest value, so the CKKS scale buys precision rather than headroom."""
     num_sites = int(msg.content["config"]["he-sites"])
     if cfg.privacy.user_level:
         values, norm = noisy_clipped_contribution(
@@ -196,7 +198,7 @@ def _sealed(
             num_sites=num_sites,
             rng=secure_rng(),
         )
-        weight = 1.0
+        weight = 1.0 / num_sites
         log.info(
             "site %d: update norm %.4g clipped to %g, noise share added",
             he.site,
@@ -204,7 +206,8 @@ def _sealed(
             cfg.privacy.user_clip,
         )
     else:
-        values, weight = out.arrays, float(out.num_examples)
+        unit = float(msg.content["config"].get("he-weight-unit", 1.0))
+        values, weight = out.arrays, out.num_examples / unit
     blobs = he.seal(values, weight=weight, num_sites=num_sites)
     metrics["he-weight"] = weight
     return RecordDict(
@@ -228,6 +231,8 @@ def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Messa
             "eval-loss": res.loss,
             "perplexity": res.perplexity,
             "eval-tokens": res.num_tokens,
+            # The server derives the public weight unit of HE rounds from these.
+            "train-examples": data.num_records,
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     he_init.add_argument("--out", default="keys/he", help="directory for the key files")
     he_init.add_argument("--poly-modulus-degree", type=int, default=8192)
     he_init.add_argument("--coeff-mod-bit-sizes", default="60,60")
-    he_init.add_argument("--scale-bits", type=int, default=40)
+    he_init.add_argument("--scale-bits", type=int, default=50)
     he_init.add_argument("--force", action="store_true", help="overwrite existing keys")
     he_init.set_defaults(func=cmd_keys_he_init)
 

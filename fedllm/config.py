@@ -435,7 +435,7 @@ class HEConfig:
         default="60,60",
         metadata=_help("bits per prime of the coefficient modulus; additions need only two"),
     )
-    scale_bits: int = field(default=40, metadata=_help("CKKS scale 2^s: fractional precision"))
+    scale_bits: int = field(default=50, metadata=_help("CKKS scale 2^s: fractional precision"))
     public_context: str = field(
         default="keys/he/public.context",
         metadata=_help("the coordinator's context: public key only, it cannot decrypt"),

@@ -300,8 +300,23 @@ class FederatedRun:
         return [r for r in replies if not r.has_error()]
 
     def _config(self, server_round: int) -> ConfigRecord:
-        he = self.he.config(self.num_sites) if self.he else {}
+        he = self.he.config(self.num_sites, self._weight_unit()) if self.he else {}
         return ConfigRecord({"run-name": self.cfg.run.name, "server-round": server_round, **he})
+
+    def _weight_unit(self) -> float:
+        """The federation's training examples, as the sites last reported them when
+        evaluating: HE weights are examples / unit, public and summing to about 1."""
+        evals = self.state.get("evals", {})
+        for server_round in sorted(evals, key=int, reverse=True):
+            counts = [m.get("train-examples", 0) for m in evals[server_round].values()]
+            if sum(counts) > 0:
+                return float(sum(counts))
+        return 1.0
+
+    def _he_weight(self, metrics: dict[str, Any], unit: float) -> float:
+        if self.cfg.privacy.user_level:
+            return 1.0 / self.num_sites
+        return float(metrics["num-examples"]) / unit
 
     def _payload(self) -> Any:
         """The global adapter as it travels: plaintext, or the encrypted aggregate under HE."""
@@ -340,6 +355,7 @@ class FederatedRun:
         replies = self._send(messages, "train", server_round) if messages else []
         valid = []
         he_sum = self.he.new_sum() if self.he else None
+        unit = self._weight_unit()  # what the sites were sent in this round's config
         for reply in replies:
             sender = f"node {reply.metadata.src_node_id}"
             try:
@@ -356,7 +372,13 @@ class FederatedRun:
                     continue
                 self._ledger_spend(server_round, metrics)
                 if he_sum is not None:
-                    HEAggregator.add(he_sum, reply, sender=sender, site=int(metrics["site"]))
+                    HEAggregator.add(
+                        he_sum,
+                        reply,
+                        sender=sender,
+                        site=int(metrics["site"]),
+                        expected_weight=self._he_weight(metrics, unit),
+                    )
                 else:
                     check_update(
                         record_to_arrays(reply.content["arrays"]), self.expected, sender=sender

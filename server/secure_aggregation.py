@@ -8,6 +8,7 @@ sum is ours; everything else of the round (sampling, messaging, checkpoints) is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +48,35 @@ class HEAggregator:
             return arrays_to_record(initial)
         return ciphertexts_to_record(self.global_blobs)
 
-    def config(self, num_sites: int) -> dict[str, Any]:
-        return {"he-key-id": self.key, "he-divisor": float(self.divisor), "he-sites": num_sites}
+    def config(self, num_sites: int, weight_unit: float) -> dict[str, Any]:
+        return {
+            "he-key-id": self.key,
+            "he-divisor": float(self.divisor),
+            "he-sites": num_sites,
+            "he-weight-unit": float(weight_unit),
+        }
 
     # -- a round ---------------------------------------------------------------------------
     def new_sum(self) -> EncryptedSum:
         return EncryptedSum(self.ctx, self.key, self.packing.chunk_sizes)
 
     @staticmethod
-    def add(total: EncryptedSum, reply: Message, *, sender: str, site: int) -> None:
-        """Check one reply's contribution whole and add it, or raise `InvalidUpdateError`."""
+    def add(
+        total: EncryptedSum, reply: Message, *, sender: str, site: int, expected_weight: float
+    ) -> None:
+        """Check one reply's contribution whole and add it, or raise `InvalidUpdateError`.
+
+        The weight a site encrypted into its check slots must be the public one it is due
+        (its examples over the unit, or 1/n): one claiming more would tilt the mean."""
         content = reply.content
         if "he" not in content.config_records:
             raise InvalidUpdateError(f"{sender}: sent no HE key id; plaintext is not accepted.")
         blobs = record_to_ciphertexts(content["arrays"])
         weight = float(content["metrics"].get("he-weight", float("nan")))
+        if not math.isclose(weight, expected_weight, rel_tol=1e-9):
+            raise InvalidUpdateError(
+                f"{sender}: claims weight {weight!r}, but its share is {expected_weight!r}."
+            )
         he = content["he"]
         total.add(
             blobs,

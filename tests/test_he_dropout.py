@@ -60,10 +60,10 @@ def _two_of_three(run: FederatedRun) -> Any:
     total = run.he.new_sum()
     for s in (0, 1):
         update = {n: np.full(shape, 0.01 * (s + 1)) for n, shape in run.expected.items()}
-        blobs = site.seal(update, weight=1.0, num_sites=3)
+        blobs = site.seal(update, weight=1 / 3, num_sites=3)
         total.add(
             blobs,
-            weight=1.0,
+            weight=1 / 3,
             key=site.key,
             digest=payload_digest(blobs),
             sender=f"site {s}",
@@ -97,7 +97,7 @@ def test_account_policy_records_the_noise_actually_present(
         epsilon_report([(z, 1.0, 1)], delta=1e-5)["epsilon"]
     )
     assert verify_records(records) == []
-    assert run.he.global_blobs is not None and run.he.divisor == 2.0
+    assert run.he.global_blobs is not None and run.he.divisor == pytest.approx(2 / 3)
 
 
 def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(

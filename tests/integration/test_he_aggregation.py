@@ -199,7 +199,7 @@ def test_site_decrypts_the_mean_of_exactly_what_the_accepted_sites_encrypted(
     assert code == 0
     decrypted = load_file(str(out / "adapter_model.safetensors"))
     sealed = [np.load(he_run["dump"] / f"site{s}-round2.npz") for s in (0, 1)]
-    assert all(float(z["__weight__"]) == 1.0 for z in sealed)
+    assert all(float(z["__weight__"]) == pytest.approx(1 / SITES) for z in sealed)
     names = [n for n in sealed[0].files if n != "__weight__"]
     scale = max(float(np.abs(z[n]).max()) for z in sealed for n in names)
     for name in names:
