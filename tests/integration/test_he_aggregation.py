@@ -153,6 +153,12 @@ def test_distributed_noise_is_accounted_at_the_shares_that_arrived(
         assert r["noise_shares"] == "2/3" and r["sample_rate"] == 1.0
     assert verify_records(records) == []
     assert he_run["summary"]["user_level"]["epsilon"] == pytest.approx(user[-1]["guarantee"])
+    from fedllm.privacy.audit.report import build_report
+
+    _, md, problems = build_report(he_run["dir"])
+    text = md.read_text()
+    assert problems == [] and "shares per round: 2/3, 2/3" in text
+    assert "summed ciphertexts and stored only ciphertexts" in text
 
 
 def test_server_never_opens_the_secret_key_and_stores_only_ciphertexts(

@@ -102,6 +102,14 @@ def _tables(
             exhausted = "user-level" in (summary.get("stop_reason") or "")
             clip = ", ".join(f"{r['clip_norm']:.3g}" for r in recs)
             mechanism = "DP-FedAvg Gaussian (server), user-level, add/remove one site's data"
+            if str(last.get("noise", "")).startswith("distributed"):
+                shares = ", ".join(str(r.get("noise_shares")) for r in recs)
+                mechanism = (
+                    "DP-FedAvg Gaussian, user-level, add/remove one site's data; noise added "
+                    f"by the sites in shares under HE (shares per round: {shares}; σ is what "
+                    f"arrived, planned {last.get('planned_noise_multiplier')}); assumes "
+                    f"{last.get('assumption', 'honest sites')}"
+                )
         else:
             cap = budget.get("epsilon_max")
             status = budget.get("sites", {}).get(label.split()[-1], {})
@@ -253,6 +261,7 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
             if empirical
             else "not run (an auditing run sets audit.* canaries)",
         ),
+        ("Secure aggregation", _secure_aggregation_text(summary)),
         ("Config SHA-256", config["config_hash"]),
         (
             "Sampling RNG",
@@ -266,6 +275,17 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
     return html_path, md_path, problems + bugs
+
+
+def _secure_aggregation_text(summary: dict[str, Any]) -> str:
+    he = summary.get("secure_aggregation")
+    if not he:
+        return "none: the coordinator saw every site's update in plaintext"
+    return (
+        f"{he['scheme']}; N={he['poly_modulus_degree']}, primes {he['coeff_mod_bit_sizes']} "
+        f"bits, scale 2^{he['scale_bits']}, key {he['key_id'][:16]}...; the coordinator "
+        "summed ciphertexts and stored only ciphertexts"
+    )
 
 
 def _markdown(facts: list[tuple[str, str]], tables: dict[str, Any], summary: dict) -> str:
