@@ -329,3 +329,19 @@ def test_dropped_noise_shares_lower_the_accounted_noise_multiplier() -> None:
     assert effective_noise_multiplier(1.2, 2, 3) == pytest.approx(1.2 * math.sqrt(2 / 3))
     with pytest.raises(ValueError):
         effective_noise_multiplier(1.2, 4, 3)
+
+
+def test_keys_he_init_cli_writes_the_ceremony_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedllm.cli import main
+
+    out = tmp_path / "he"
+    assert main(["keys", "he-init", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert key_id(load_secret_context(out / SECRET_CONTEXT, PARAMS)) in printed
+    assert (out / SECRET_CONTEXT).stat().st_mode & 0o777 == 0o600
+    assert main(["keys", "he-init", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["keys", "he-init", "--out", str(tmp_path / "x"), "--scale-bits", "56"]) == 2
+    assert "integer part" in capsys.readouterr().err

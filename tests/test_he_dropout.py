@@ -112,3 +112,12 @@ def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(
     assert run.state["status"] == "stopped" and "budget" in run.state["stop_reason"]
     assert run.he.global_blobs is None
     assert Ledger(run.run.path / "ledger.jsonl").records() == []
+
+
+def test_server_given_the_secret_context_refuses_to_start(
+    tiny_model_dir: Path, keys: Path, tmp_path: Path
+) -> None:
+    from fedllm.errors import KeyFileError
+
+    with pytest.raises(KeyFileError, match="holds the CKKS secret key"):
+        _run(tiny_model_dir, keys, tmp_path, **{"he.public-context": str(keys / SECRET_CONTEXT)})
