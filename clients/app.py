@@ -9,6 +9,7 @@ over the whole run, resumed runs included.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,9 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and privacy spend."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
     he = _site_he(cfg, msg, context, data.site)
+    t0 = time.perf_counter()
     global_arrays = _global_arrays(msg, he)
+    opened_seconds = time.perf_counter() - t0
     ledger = _site_ledger(cfg, context, data.site)
     state = PrivacyState.from_ledger(ledger.records())
     config = msg.content["config"]
@@ -171,7 +174,11 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         out.epsilon,
     )
     if he is not None:
-        return Message(content=_sealed(cfg, msg, he, global_arrays, out, metrics), reply_to=msg)
+        t0 = time.perf_counter()
+        content = _sealed(cfg, msg, he, global_arrays, out, metrics)
+        # What HE costs this site per round: decrypting the global, clipping/noising, sealing.
+        metrics["he-seconds"] = opened_seconds + time.perf_counter() - t0
+        return Message(content=content, reply_to=msg)
     content = RecordDict({"arrays": arrays_to_record(out.arrays), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

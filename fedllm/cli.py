@@ -295,6 +295,8 @@ def cmd_federation_setup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedllm.config import HEConfig
+
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -327,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the CKKS keys: a secret context for sites, a public one for the server",
     )
     he_init.add_argument("--out", default="keys/he", help="directory for the key files")
-    he_init.add_argument("--poly-modulus-degree", type=int, default=8192)
-    he_init.add_argument("--coeff-mod-bit-sizes", default="60,60")
-    he_init.add_argument("--scale-bits", type=int, default=50)
+    he_defaults = HEConfig()  # the run config's defaults, so keys and runs agree
+    he_init.add_argument("--poly-modulus-degree", type=int, default=he_defaults.poly_modulus_degree)
+    he_init.add_argument("--coeff-mod-bit-sizes", default=he_defaults.coeff_mod_bit_sizes)
+    he_init.add_argument("--scale-bits", type=int, default=he_defaults.scale_bits)
     he_init.add_argument("--force", action="store_true", help="overwrite existing keys")
     he_init.set_defaults(func=cmd_keys_he_init)
 

@@ -355,6 +355,7 @@ class FederatedRun:
         replies = self._send(messages, "train", server_round) if messages else []
         valid = []
         he_sum = self.he.new_sum() if self.he else None
+        he_seconds = 0.0  # the coordinator's cost of checking and adding ciphertexts
         unit = self._weight_unit()  # what the sites were sent in this round's config
         for reply in replies:
             sender = f"node {reply.metadata.src_node_id}"
@@ -372,6 +373,7 @@ class FederatedRun:
                     continue
                 self._ledger_spend(server_round, metrics)
                 if he_sum is not None:
+                    t0 = time.perf_counter()
                     HEAggregator.add(
                         he_sum,
                         reply,
@@ -379,6 +381,7 @@ class FederatedRun:
                         site=int(metrics["site"]),
                         expected_weight=self._he_weight(metrics, unit),
                     )
+                    he_seconds += time.perf_counter() - t0
                 else:
                     check_update(
                         record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
@@ -405,7 +408,7 @@ class FederatedRun:
             self.state.update(status="stopped", stop_reason=reason)
             return False
         if he_sum is not None:
-            return self._he_commit(server_round, he_sum)
+            return self._he_commit(server_round, he_sum, he_seconds)
         if self.user_dp is not None:
             valid = [
                 self._user_dp_aggregate(
@@ -485,7 +488,7 @@ class FederatedRun:
             return False
         return True
 
-    def _he_commit(self, server_round: int, total: Any) -> bool:
+    def _he_commit(self, server_round: int, total: Any, seconds: float = 0.0) -> bool:
         """Make the round's encrypted sum the global adapter, after accounting the noise the
         sites' shares actually put in it (distributed DP). Nothing leaves the server before
         the ledger record is durable; a round it cannot account honestly is not released."""
@@ -496,6 +499,12 @@ class FederatedRun:
             "round": server_round,
             "contributors": sorted(total.contributors),
             "total_weight": total.weight,
+            "server_seconds": round(seconds, 4),
+            "site_seconds": {
+                site: round(float(m["he-seconds"]), 4)
+                for site, m in self.state.get("trains", {}).get(str(server_round), {}).items()
+                if "he-seconds" in m
+            },
         }
         he_state = self.state.setdefault("secure_aggregation", {"rounds": []})
         if cfg.privacy.user_level:
@@ -513,7 +522,9 @@ class FederatedRun:
                 return False
             self._he_ledger(server_round, total, z)
             entry["noise_multiplier"] = z
+        t0 = time.perf_counter()
         self.he.commit(total)
+        entry["server_seconds"] = round(seconds + time.perf_counter() - t0, 4)
         entry["ciphertext_bytes"] = self.he.ciphertext_bytes()
         he_state["rounds"].append(entry)
         log(

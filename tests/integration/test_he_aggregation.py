@@ -212,6 +212,11 @@ def test_site_decrypts_the_mean_of_exactly_what_the_accepted_sites_encrypted(
         expected = (sealed[0][name] + sealed[1][name]) / 2
         assert np.abs(decrypted[name] - expected).max() <= 1e-6 * scale, name
     assert any(".lora_A." in n for n in decrypted)  # the full adapter, not only what travelled
+    run = str(he_run["dir"])
+    assert main(["generate", "--run", run, "--max-new-tokens", "2", "Hi"]) == 2  # encrypted
+    assert (
+        main(["generate", "--run", run, "--adapter", str(out), "--max-new-tokens", "2", "Hi"]) == 0
+    )
     foreign = he_run["client"][0]
     refused = tmp_path / "refused"
     args = ["he", "decrypt", str(he_run["dir"]), "--context", foreign, "--out", str(refused)]
