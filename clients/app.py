@@ -3,7 +3,9 @@
 Thin by design: it reads Flower records and context, calls `fedllm.site`, and packs the
 reply. Each site writes every DP-SGD spend to its own hash-chained ledger (fsync'd before the
 update leaves) and rebuilds its history from it, so the ε it reports is its cumulative spend
-over the whole run, resumed runs included.
+over the whole run, resumed runs included. Under homomorphic aggregation the site decrypts
+the global adapter and encrypts what it sends (`fedllm.secure.he_site`); the coordinator never
+sees either in plaintext.
 """
 
 from __future__ import annotations

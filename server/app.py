@@ -3,7 +3,8 @@
 The round loop is our own rather than `Strategy.start()`: it evaluates the initial adapter
 on every site (round 0), checks every update before aggregation, records per-site metrics
 and bytes on the wire, checkpoints each round and resumes. Aggregation itself is the
-configured Flower strategy's `aggregate_train`.
+configured Flower strategy's `aggregate_train`, except under homomorphic aggregation, where
+`server.secure_aggregation` sums ciphertexts the coordinator cannot read.
 """
 
 from __future__ import annotations
