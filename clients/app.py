@@ -35,6 +35,7 @@ from fedllm.records import (
 )
 from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
+from fedllm.secure.packing import share_weight
 from fedllm.site import (
     PrivacyState,
     SiteData,
@@ -195,8 +196,7 @@ def _sealed(
 ) -> RecordDict:
     """The encrypted reply: the adapter weighted by examples / (the federation's examples),
     or under user-level DP the site's clipped update plus its 1/n share of the Gaussian
-    noise, weighted 1/n. Weights summing to about 1 keep the encrypted sum as small as its
-    largest value, so the CKKS scale buys precision rather than headroom."""
+    noise, weighted 1/n (`share_weight`)."""
     num_sites = int(msg.content["config"]["he-sites"])
     if cfg.privacy.user_level:
         values, norm = noisy_clipped_contribution(
@@ -207,7 +207,6 @@ def _sealed(
             num_sites=num_sites,
             rng=secure_rng(),
         )
-        weight = 1.0 / num_sites
         log.info(
             "site %d: update norm %.4g clipped to %g, noise share added",
             he.site,
@@ -215,8 +214,13 @@ def _sealed(
             cfg.privacy.user_clip,
         )
     else:
-        unit = float(msg.content["config"].get("he-weight-unit", 1.0))
-        values, weight = out.arrays, out.num_examples / unit
+        values = out.arrays
+    weight = share_weight(
+        user_level=cfg.privacy.user_level,
+        num_examples=out.num_examples,
+        unit=float(msg.content["config"].get("he-weight-unit", 1.0)),
+        num_sites=num_sites,
+    )
     blobs = he.seal(values, weight=weight, num_sites=num_sites)
     metrics["he-weight"] = weight
     return RecordDict(

@@ -30,6 +30,7 @@ from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_e
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
+from fedllm.secure.packing import share_weight
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
 from server.secure_aggregation import HEAggregator
@@ -314,11 +315,6 @@ class FederatedRun:
                 return float(sum(counts))
         return 1.0
 
-    def _he_weight(self, metrics: dict[str, Any], unit: float) -> float:
-        if self.cfg.privacy.user_level:
-            return 1.0 / self.num_sites
-        return float(metrics["num-examples"]) / unit
-
     def _payload(self) -> Any:
         """The global adapter as it travels: plaintext, or the encrypted aggregate under HE."""
         return self.he.payload(self.arrays) if self.he else arrays_to_record(self.arrays)
@@ -380,7 +376,12 @@ class FederatedRun:
                         reply,
                         sender=sender,
                         site=int(metrics["site"]),
-                        expected_weight=self._he_weight(metrics, unit),
+                        expected_weight=share_weight(
+                            user_level=self.cfg.privacy.user_level,
+                            num_examples=int(metrics["num-examples"]),
+                            unit=unit,
+                            num_sites=self.num_sites,
+                        ),
                     )
                     he_seconds += time.perf_counter() - t0
                 else:

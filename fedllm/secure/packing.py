@@ -20,11 +20,19 @@ import numpy as np
 
 from fedllm.errors import InvalidUpdateError
 
-__all__ = ["CHECK_TOLERANCE", "Packing"]
+__all__ = ["CHECK_TOLERANCE", "Packing", "share_weight"]
 
 # Relative tolerance on the check slot: CKKS error at scale >= 2^20 is far below it, a
 # foreign-key or corrupted ciphertext decrypts to values of order 2^(headroom) instead.
 CHECK_TOLERANCE = 1e-3
+
+
+def share_weight(*, user_level: bool, num_examples: int, unit: float, num_sites: int) -> float:
+    """A site's public weight: 1/n under distributed DP (every site counts once), else its
+    examples / the federation's examples. The site encrypts with it and the coordinator
+    checks it, so both take it from here. Weights sum to about 1, which keeps the encrypted
+    sum as small as its largest value: the CKKS scale buys precision, not headroom."""
+    return 1.0 / num_sites if user_level else float(num_examples) / unit
 
 
 @dataclass(frozen=True)
