@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import BudgetExceededError, ProtectionUnavailableError
 from fedllm.privacy.accounting import MECHANISMS
+from fedllm.privacy.backfill import history_metrics
 from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.distributed import noisy_clipped_contribution
 from fedllm.privacy.ledger import Ledger
@@ -36,6 +38,8 @@ from fedllm.records import (
 from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.packing import share_weight
+from fedllm.secure.pki import load_signing_key
+from fedllm.secure.sign import Claim, sign_reply
 from fedllm.site import (
     PrivacyState,
     SiteData,
@@ -89,6 +93,28 @@ def _site_he(cfg: FedllmConfig, msg: Message, context: Context, site: int) -> Si
     return SiteHE.load(cfg, path, site=site)
 
 
+def _signing_key(cfg: FedllmConfig, context: Context, site: int) -> Ed25519PrivateKey | None:
+    """The site's update-signing key under security.sign-updates (node config `signing-key`,
+    else the run config's per-partition path); loaded before training, so a missing or
+    world-readable key stops the site before it spends any privacy."""
+    if not cfg.security.sign_updates:
+        return None
+    path = context.node_config.get("signing-key") or cfg.security.site_signing_key.format(
+        partition=site
+    )
+    return load_signing_key(Path(str(path)))
+
+
+def _reply(
+    msg: Message, context: Context, content: RecordDict, key: Ed25519PrivateKey | None, phase: str
+) -> Message:
+    """The reply, signed last (run, round, this node, the payload's hash) when required."""
+    if key is not None:
+        server_round = int(msg.content["config"].get("server-round", 0))
+        sign_reply(content, key, Claim(msg.metadata.run_id, server_round, context.node_id, phase))
+    return Message(content=content, reply_to=msg)
+
+
 def _global_arrays(msg: Message, he: SiteHE | None) -> dict[str, Any]:
     """The global adapter from the message: decrypted (and integrity-checked) under HE."""
     record = msg.content["arrays"]
@@ -121,6 +147,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and privacy spend."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
+    key = _signing_key(cfg, context, data.site)
     he = _site_he(cfg, msg, context, data.site)
     t0 = time.perf_counter()
     global_arrays = _global_arrays(msg, he)
@@ -149,11 +176,13 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         log.warning("%s", e)
         refusal = MetricRecord({"site": data.site, "refused": 1, "num-examples": 0})
         reason = ConfigRecord({"reason": str(e)})
-        return Message(content=RecordDict({"metrics": refusal, "refusal": reason}), reply_to=msg)
+        content = RecordDict({"metrics": refusal, "refusal": reason})
+        return _reply(msg, context, content, key, "train")
     if cfg.privacy.record_level:
         # The spend is durable at the site before the update leaves it.
         server_round = int(config.get("server-round", 0))
         ledger.append(spend_record(cfg, out, site=data.site, server_round=server_round))
+    history = history_metrics(ledger.records()) if cfg.privacy.record_level else {}
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
@@ -168,6 +197,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
             "sample-rate": out.sample_rate,
             "max-grad-norm": cfg.privacy.max_grad_norm if cfg.privacy.record_level else 0.0,
             **{f"epsilon-{m}": float(out.epsilons.get(m, float("inf"))) for m in MECHANISMS},
+            **history,  # lets the coordinator backfill spends whose replies it never accepted
         }
     )
     log.info(
@@ -181,9 +211,9 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
         content = _sealed(cfg, msg, he, global_arrays, out, metrics)
         # What HE costs this site per round: decrypting the global, clipping/noising, sealing.
         metrics["he-seconds"] = opened_seconds + time.perf_counter() - t0
-        return Message(content=content, reply_to=msg)
+        return _reply(msg, context, content, key, "train")
     content = RecordDict({"arrays": arrays_to_record(out.arrays), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, context, content, key, "train")
 
 
 def _sealed(
@@ -235,6 +265,7 @@ def _sealed(
 def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Evaluate the global adapter on this site's held-out split."""
     cfg, data, pad_id = _prepare(msg, context, overrides)
+    key = _signing_key(cfg, context, data.site)
     arrays = _global_arrays(msg, _site_he(cfg, msg, context, data.site))
     res = run_evaluate(cfg, data, arrays, pad_token_id=pad_id)
     metrics = MetricRecord(
@@ -248,7 +279,7 @@ def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Messa
             "train-examples": data.num_records,
         }
     )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return _reply(msg, context, RecordDict({"metrics": metrics}), key, "evaluate")
 
 
 app = create_app()

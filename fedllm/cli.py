@@ -295,6 +295,7 @@ def cmd_federation_setup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedllm.cli_deploy import add_deploy_parsers, add_federation_parser
     from fedllm.config import HEConfig
 
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__.splitlines()[0])
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--make-default", action="store_true", help="make it the default even over a custom one"
     )
     setup.set_defaults(func=cmd_federation_setup)
+    add_federation_parser(fed)
+    add_deploy_parsers(sub)
     return parser
 
 

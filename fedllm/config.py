@@ -29,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "RunConfig",
+    "SecurityConfig",
     "StrategyConfig",
     "TrainConfig",
     "config_hash",
@@ -472,6 +473,41 @@ class HEConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """Who may send updates, and what is kept encrypted at rest (see `fedllm pki`).
+
+    Transport (TLS, node authentication) is the SuperLink's and SuperNodes' command line;
+    these keys are what the two apps enforce on top of it.
+    """
+
+    sign_updates: bool = field(
+        default=False,
+        metadata=_help(
+            "every site signs its update (Ed25519 over run, round, node and payload hash); "
+            "the coordinator refuses unsigned, tampered or replayed ones"
+        ),
+    )
+    registry: str = field(
+        default="keys/pki/registry.json",
+        metadata=_help("the coordinator's registry of site signing keys (`fedllm pki init`)"),
+    )
+    site_signing_key: str = field(
+        default="keys/pki/sites/site-{partition}/signing.key",
+        metadata=_help(
+            "a site's Ed25519 key ({partition} = its partition-id); a node config "
+            "`signing-key` overrides it"
+        ),
+    )
+    at_rest_key: str = field(
+        default="",
+        metadata=_help(
+            "a 32-byte key file (`fedllm keys at-rest-init`): checkpoints and ledgers are "
+            "written AES-256-GCM encrypted under it; empty: plaintext"
+        ),
+    )
+
+
+@dataclass
 class FedllmConfig:
     """Every setting of a run; `parse_config` is the only way in from flat keys."""
 
@@ -485,6 +521,7 @@ class FedllmConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     he: HEConfig = field(default_factory=HEConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ __all__ = [
     "ModelError",
     "ProtectionUnavailableError",
     "RunDirError",
+    "TransportError",
 ]
 
 
@@ -49,3 +50,7 @@ class BudgetExceededError(FedllmError):
 
 class RunDirError(FedllmError):
     """A run directory is missing, incomplete or belongs to a different configuration."""
+
+
+class TransportError(FedllmError):
+    """A SuperLink address does not answer, or its TLS certificate is refused."""

@@ -95,10 +95,49 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "refused": state.get("refused", []),
         "budget": _budget_status(cfg, final_eps, state.get("refused", [])),
         "failures": state.get("failures", []),
+        "participation": _participation(state, trains),
+        "security": state.get("security"),
         "adapter": state.get("adapter", {}),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
     }
+
+
+def _participation(
+    state: dict[str, Any], trains: dict[int, dict[str, dict[str, float]]]
+) -> list[dict[str, Any]]:
+    """Per training round: whose updates were aggregated, whose were rejected, and which
+    sites never answered (a dropped SuperNode is named here)."""
+    out = []
+    kinds = ("rejected", "refused", "failures")
+    attempted = {
+        e["round"]
+        for kind in kinds
+        for e in state.get(kind, [])
+        if e.get("phase", "train") == "train"
+    }
+    for r in sorted(set(trains) | attempted):
+
+        def sites(kind: str, r: int = r) -> list[Any]:
+            return sorted(
+                {
+                    e["site"] if e.get("site") is not None else e.get("sender")
+                    for e in state.get(kind, [])
+                    if e["round"] == r and e.get("phase", "train") == "train"
+                },
+                key=str,
+            )
+
+        out.append(
+            {
+                "round": r,
+                "aggregated": sorted(int(s) for s in trains.get(r, {})),
+                "rejected": sites("rejected"),
+                "refused": sites("refused"),
+                "missing": sites("failures"),
+            }
+        )
+    return out
 
 
 def _guarantee_text(cfg: FedllmConfig) -> str:
@@ -193,8 +232,10 @@ def render_table(summary: dict[str, Any]) -> Any:
         title=f"fedllm run {summary['run_name']}: {summary['rounds_completed']}/"
         f"{summary['rounds_planned']} rounds, {summary['status']}"
     )
-    for col in ("site", "examples", "eval loss (start)", "eval loss (end)", "ppl (end)", "epsilon"):
+    columns = ("site", "examples", "rounds in", "eval loss (start)", "eval loss (end)")
+    for col in (*columns, "ppl (end)", "epsilon"):
         table.add_column(col, justify="right")
+    participation = summary.get("participation", [])
     for s, info in summary["sites"].items():
         losses = [x for x in info["eval_loss"] if x is not None]
         ppl = [x for x in info["perplexity"] if x is not None]
@@ -202,6 +243,7 @@ def render_table(summary: dict[str, Any]) -> Any:
         table.add_row(
             s,
             str(info["num_examples"] or "-"),
+            f"{sum(int(s) in p['aggregated'] for p in participation)}/{len(participation)}",
             f"{losses[0]:.4f}" if losses else "-",
             f"{losses[-1]:.4f}" if losses else "-",
             f"{ppl[-1]:.2f}" if ppl else "-",
@@ -213,6 +255,16 @@ def render_table(summary: dict[str, Any]) -> Any:
             table.caption = (
                 f"global eval loss {first:.4f} (round 0) -> {last:.4f} (round {rounds[-1]})"
             )
+    notes = [
+        f"round {p['round']}: {kind} site {', '.join(map(str, p[kind]))}"
+        for p in participation
+        for kind in ("rejected", "missing")
+        if p[kind]
+    ]
+    if (summary.get("security") or {}).get("sign_updates"):
+        notes.append("every aggregated update was signed and verified against the registry")
+    if notes:
+        table.caption = "\n".join(filter(None, [table.caption, *notes]))
     user = summary.get("user_level") or {}
     if user.get("epsilon") is not None:
         table.caption = (table.caption or "") + (

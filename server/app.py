@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import time
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from fedllm.errors import BudgetExceededError, FedllmError, InvalidUpdateError
 from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.audit.directions import CanaryDirections
+from fedllm.privacy.backfill import missing_spends
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.distributed import effective_noise_multiplier
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
@@ -31,6 +33,8 @@ from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sam
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
 from fedllm.secure.packing import share_weight
+from fedllm.secure.pki import load_registry
+from fedllm.secure.sign import Claim, verify_reply
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
 from server.secure_aggregation import HEAggregator
@@ -124,6 +128,9 @@ class FederatedRun:
         self.rng = secure_rng()
         # Loaded (and a secret-key context refused) before anything else happens.
         self.he = HEAggregator(cfg, dict(self.expected)) if _he(cfg) else None
+        self.registry = (
+            load_registry(Path(cfg.security.registry)) if cfg.security.sign_updates else None
+        )
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, kind: str, server_round: int, site: str, metrics: dict[str, Any]) -> None:
@@ -203,6 +210,15 @@ class FederatedRun:
                 scale_bits=cfg.he.scale_bits,
                 ciphertexts_per_update=len(self.he.packing.chunk_sizes),
             )
+        self.state["security"] = {
+            **self.state.get("security", {}),
+            "sign_updates": cfg.security.sign_updates,
+            "registry": cfg.security.registry if self.registry else None,
+            "site_keys": {
+                str(k): {"name": r.name, "key_id": r.key_id}
+                for k, r in sorted((self.registry or {}).items())
+            },
+        }
         self.state["adapter"] = {
             "ffa": cfg.lora.ffa,
             "sent_tensors": len(self.arrays),
@@ -281,25 +297,36 @@ class FederatedRun:
             entries.append(entry)
         entry["up"] += up
         entry["down"] += down
-        for r in replies:
-            if r.has_error():
-                reason = _error_reason(r.error.reason)
-                log(
-                    WARNING,
-                    "fedllm: node %d failed in %s: %s",
-                    r.metadata.src_node_id,
-                    kind,
-                    reason,
-                )
-                self.state.setdefault("failures", []).append(
-                    {
-                        "round": server_round,
-                        "phase": kind,
-                        "node": r.metadata.src_node_id,
-                        "reason": reason,
-                    }
-                )
-        return [r for r in replies if not r.has_error()]
+        ok = [r for r in replies if not r.has_error()]
+        errors = {
+            r.metadata.reply_to_message_id: _error_reason(r.error.reason)
+            for r in replies
+            if r.has_error()
+        }
+        answered = {r.metadata.src_node_id for r in ok}
+        missing = [m for m in messages if m.metadata.dst_node_id not in answered]
+        for m in missing:
+            node = m.metadata.dst_node_id
+            # A dead node's error reply comes from the SuperLink (src 1), so the node and its
+            # site are named from what was sent, not from the reply.
+            reason = errors.get(m.metadata.message_id) or (
+                next(iter(errors.values()))
+                if len(errors) == 1 and len(missing) == 1
+                else f"no reply within run.timeout = {self.cfg.run.timeout:g}s"
+            )
+            site = self.state.get("node_sites", {}).get(str(node))
+            log(
+                WARNING,
+                "fedllm: %s failed in %s round %d: %s",
+                f"site {site} (node {node})" if site is not None else f"node {node}",
+                kind,
+                server_round,
+                reason,
+            )
+            self.state.setdefault("failures", []).append(
+                {"round": server_round, "phase": kind, "node": node, "site": site, "reason": reason}
+            )
+        return ok
 
     def _config(self, server_round: int) -> ConfigRecord:
         he = self.he.config(self.num_sites, self._weight_unit()) if self.he else {}
@@ -355,17 +382,16 @@ class FederatedRun:
         he_seconds = 0.0  # the coordinator's cost of checking and adding ciphertexts
         unit = self._weight_unit()  # what the sites were sent in this round's config
         for reply in replies:
-            sender = f"node {reply.metadata.src_node_id}"
             try:
+                site, sender = self._accept_sender(reply, server_round, "train")
                 metrics = dict(reply.content["metrics"])
-                sender = f"site {int(metrics['site'])} ({sender})"
                 if metrics.get("refused"):
                     reason = str(reply.content["refusal"]["reason"])
                     log(
                         WARNING, "fedllm: %s left out of round %d: %s", sender, server_round, reason
                     )
                     self.state.setdefault("refused", []).append(
-                        {"round": server_round, "site": int(metrics["site"]), "reason": reason}
+                        {"round": server_round, "site": site, "reason": reason}
                     )
                     continue
                 self._ledger_spend(server_round, metrics)
@@ -375,7 +401,7 @@ class FederatedRun:
                         he_sum,
                         reply,
                         sender=sender,
-                        site=int(metrics["site"]),
+                        site=site,
                         expected_weight=share_weight(
                             user_level=self.cfg.privacy.user_level,
                             num_examples=int(metrics["num-examples"]),
@@ -388,23 +414,27 @@ class FederatedRun:
                     check_update(
                         record_to_arrays(reply.content["arrays"]), self.expected, sender=sender
                     )
-            except (InvalidUpdateError, KeyError) as e:
-                log(WARNING, "fedllm: rejected update: %s", e)
-                self.state.setdefault("rejected", []).append(
-                    {"round": server_round, "sender": sender, "reason": str(e)}
-                )
+            except (InvalidUpdateError, KeyError, ValueError) as e:
+                self._reject(server_round, reply, "train", e)
                 continue
-            self._record("trains", server_round, str(int(metrics["site"])), metrics)
+            self._record("trains", server_round, str(site), metrics)
             valid.append(reply)
         needed = self.cfg.run.min_sites
         if self.user_dp is not None:  # Poisson sampling may pick fewer sites by design
             needed = min(needed, len(messages))
         if len(valid) < needed:
-            refused = sum(1 for r in self.state.get("refused", []) if r["round"] == server_round)
+            def count(kind: str) -> int:
+                return sum(
+                    1
+                    for r in self.state.get(kind, [])
+                    if r["round"] == server_round and r.get("phase", "train") == "train"
+                )
+
             reason = (
-                f"round {server_round}: only {len(valid)} valid updates ({refused} sites refused "
-                f"for their privacy budget), fewer than run.min-sites = "
-                f"{self.cfg.run.min_sites}; stopping with the last global adapter."
+                f"round {server_round}: only {len(valid)} valid updates ({count('refused')} "
+                f"sites refused for their privacy budget, {count('rejected')} updates "
+                f"rejected, {count('failures')} sites did not answer), fewer than "
+                f"run.min-sites = {self.cfg.run.min_sites}; stopping with the last global adapter."
             )
             log(ERROR, "fedllm: %s", reason)
             self.state.update(status="stopped", stop_reason=reason)
@@ -439,7 +469,17 @@ class FederatedRun:
             delta=metrics["delta"],
             epsilons={m: metrics[f"epsilon-{m}"] for m in MECHANISMS},
         )
-        Ledger(self.run.path / LEDGER_FILE).append(entry)
+        ledger = Ledger(self.run.path / LEDGER_FILE)
+        for missing in missing_spends(
+            ledger.records(),
+            metrics,
+            run_id=self.cfg.run.name,
+            site=int(metrics["site"]),
+            before_round=server_round,
+        ):
+            log(WARNING, "fedllm: site %s: %s", metrics["site"], missing["backfilled"])
+            ledger.append(missing)
+        ledger.append(entry)
 
     # -- user-level DP (DP-FedAvg at the server) ---------------------------------------------
     def _user_dp_settings(self) -> UserDPSettings:
@@ -714,8 +754,56 @@ class FederatedRun:
             )
         )
         for reply in self._send(messages, "evaluate", server_round):
-            metrics = dict(reply.content["metrics"])
-            self._record("evals", server_round, str(int(metrics["site"])), metrics)
+            try:
+                site, _ = self._accept_sender(reply, server_round, "evaluate")
+            except (InvalidUpdateError, KeyError, ValueError) as e:
+                self._reject(server_round, reply, "evaluate", e)
+                continue
+            self._record("evals", server_round, str(site), dict(reply.content["metrics"]))
+
+    def _accept_sender(self, reply: Message, server_round: int, phase: str) -> tuple[int, str]:
+        """The site a reply comes from, once its signature checks out (under
+        security.sign-updates); remembers the node each site answers from, so a site that
+        later drops out is named in the summary."""
+        site = int(reply.content["metrics"]["site"])
+        node = reply.metadata.src_node_id
+        sender = f"site {site} (node {node})"
+        if self.registry is not None:
+            registered = self.registry.get(site)
+            if registered is None:
+                raise InvalidUpdateError(
+                    f"{sender}: no signing key for partition {site} in "
+                    f"{self.cfg.security.registry}; register the site with `fedllm pki init`."
+                )
+            claim = Claim(self.grid.run.run_id, server_round, node, phase)
+            t0 = time.perf_counter()
+            verify_reply(reply.content, registered, claim, sender=sender)
+            security = self.state["security"]
+            seconds = security.setdefault("verify_seconds", {})
+            seconds[str(server_round)] = seconds.get(str(server_round), 0.0) + (
+                time.perf_counter() - t0
+            )
+            verified = security.setdefault("verified", {})
+            verified.setdefault(str(server_round), {}).setdefault(phase, []).append(site)
+        self.state.setdefault("node_sites", {})[str(node)] = site
+        return site, sender
+
+    def _reject(self, server_round: int, reply: Message, phase: str, error: Exception) -> None:
+        log(WARNING, "fedllm: rejected %s reply: %s", phase, error)
+        try:  # the site it claims to be (named even when its signature failed)
+            site: int | None = int(reply.content["metrics"]["site"])
+        except (KeyError, ValueError, TypeError):
+            site = None
+        sender = f"site {site} (node {reply.metadata.src_node_id})"
+        self.state.setdefault("rejected", []).append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "site": site,
+                "sender": sender if site is not None else f"node {reply.metadata.src_node_id}",
+                "reason": str(error),
+            }
+        )
 
     def _checkpoint(self, server_round: int) -> None:
         path = self.run.checkpoint_dir(server_round)

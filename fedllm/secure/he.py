@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import numpy as np
 
 from fedllm.errors import InvalidUpdateError, KeyFileError, ProtectionUnavailableError
 from fedllm.secure.he_params import HEParams, problems
+from fedllm.secure.keyfiles import check_private, write_new
 
 __all__ = [
     "KEY_FILE",
@@ -110,19 +109,6 @@ def _expect(params: HEParams) -> tuple[int, int, int, int]:
     return params.poly_modulus_degree, sum(chain), len(chain), params.scale_bits
 
 
-def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
-    if path.exists() and not force:
-        raise KeyFileError(f"{path} exists; refusing to overwrite keys (use --force).")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    tmp.replace(path)
-
-
 def write_key_files(params: HEParams, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """The key ceremony: `secret.context` (0600, for the sites, out of band),
     `public.context` (for the coordinator) and `key.json` (parameters and key id)."""
@@ -147,9 +133,11 @@ def write_key_files(params: HEParams, out_dir: Path, *, force: bool = False) -> 
             PUBLIC_CONTEXT: "coordinator: public key and parameters, cannot decrypt",
         },
     }
-    _write_new(out_dir / SECRET_CONTEXT, bytes(ctx.serialize(save_secret_key=True)), 0o600, force)
-    _write_new(out_dir / PUBLIC_CONTEXT, public, 0o644, force)
-    _write_new(out_dir / KEY_FILE, json.dumps(info, indent=2).encode(), 0o644, force)
+    write_new(
+        out_dir / SECRET_CONTEXT, bytes(ctx.serialize(save_secret_key=True)), 0o600, force=force
+    )
+    write_new(out_dir / PUBLIC_CONTEXT, public, 0o644, force=force)
+    write_new(out_dir / KEY_FILE, json.dumps(info, indent=2).encode(), 0o644, force=force)
     return info
 
 
@@ -197,11 +185,7 @@ def load_secret_context(path: Path, params: HEParams) -> Any:
     ctx = _read_context(path, "site's secret context")
     if not ctx.is_private():
         raise KeyFileError(f"{path} holds no secret key; a site needs {SECRET_CONTEXT}.")
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"{path} holds the CKKS secret key but is readable by others "
-            f"(mode {stat.S_IMODE(path.stat().st_mode):o}); run `chmod 600 {path}`."
-        )
+    check_private(path, "the CKKS secret key")
     _check_params(ctx, params, path)
     return ctx
 

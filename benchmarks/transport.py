@@ -1,0 +1,149 @@
+"""Cost of TLS, node authentication and update signatures: `python benchmarks/transport.py`.
+
+Two parts, both measured in this one process:
+
+- **Signatures**: SHA-256 digest + Ed25519 signature of a reply carrying the quickstart's
+  update (FFA-LoRA B of SmolLM2-135M, 184k float32), and the coordinator's check of it.
+- **Rounds on loopback**: the same job on a real SuperLink and three real SuperNodes
+  (`tests/deployment.py`), once plain (`--insecure`, no node auth, unsigned) and once as
+  documented (TLS, node authentication, signed and verified updates), one after the other
+  (`--repeats 2`: plain, secure, plain, secure). Round wall times come from each run's
+  `summary.json`; round 1 includes the sites' first model load, so the steady-state ratio
+  is taken over rounds 2..R.
+
+Writes `benchmarks/results/transport.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _signatures(params: int, repeats: int) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedllm.records import arrays_to_record
+    from fedllm.secure.pki import RegisteredSite
+    from fedllm.secure.sign import Claim, sign_reply, verify_reply
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    site = RegisteredSite("site-0", 0, key.public_key(), "bench")
+    claim = Claim(1, 1, 1, "train")
+    update = {"b": np.random.default_rng(0).normal(size=params).astype(np.float32)}
+    sign_s, verify_s = [], []
+    for _ in range(repeats):
+        content = RecordDict(
+            {"arrays": arrays_to_record(update), "metrics": MetricRecord({"site": 0})}
+        )
+        t = time.perf_counter()
+        sign_reply(content, key, claim)
+        sign_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        verify_reply(content, site, claim, sender="bench")
+        verify_s.append(time.perf_counter() - t)
+    return {
+        "parameters": params,
+        "payload_bytes": params * 4,
+        "sign_ms": round(1e3 * statistics.median(sign_s), 3),
+        "verify_ms": round(1e3 * statistics.median(verify_s), 3),
+        "signature_bytes": 64,
+    }
+
+
+def _job(work: Path, secure: bool, index: int, model: str, rounds: int) -> dict[str, Any]:
+    from tests.deployment import LoopbackFederation
+
+    name = f"{'secure' if secure else 'plain'}-{index}"
+    root = work / name
+    run_config: dict[str, Any] = {
+        "run.name": name,
+        "run.output-dir": str(root / "out"),
+        "run.rounds": rounds,
+        "model.name": model,
+    }
+    t0 = time.monotonic()
+    with LoopbackFederation(root, secure=secure) as fed:
+        if secure:
+            run_config["security.sign-updates"] = True
+            run_config["security.registry"] = str(fed.pki / "registry.json")
+        started = time.monotonic() - t0
+        log = fed.run(run_config).wait(3600)
+    summary = json.loads((root / "out" / name / "summary.json").read_text())
+    if summary.get("status") != "completed":
+        raise RuntimeError(f"{name} did not complete:\n{log[-3000:]}")
+    security = summary.get("security") or {}
+    return {
+        "mode": "tls + node auth + signatures" if secure else "insecure, unsigned",
+        "federation_start_seconds": round(started, 2),
+        "round_seconds": summary["round_seconds"],
+        "bytes_per_round": summary["bytes_per_round"],
+        "eval_loss": summary["eval_loss"],
+        "server_verify_seconds": security.get("verify_seconds"),
+        "aggregated": [p["aggregated"] for p in summary["participation"]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="plain/secure pairs")
+    parser.add_argument("--params", type=int, default=184_320, help="update size (signatures)")
+    parser.add_argument("--work", help="working directory")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/transport.json"))
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-transport-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    signatures = _signatures(args.params, repeats=20)
+    print(json.dumps(signatures), flush=True)
+    jobs = []
+    for i in range(args.repeats):
+        for secure in (False, True):
+            job = _job(work, secure, i, args.model, args.rounds)
+            print(json.dumps(job), flush=True)
+            jobs.append({"secure": secure, **job})
+
+    def steady(secure: bool) -> float:
+        return statistics.mean(
+            s for j in jobs if j["secure"] is secure for s in j["round_seconds"][1:]
+        )
+
+    def every(secure: bool) -> float:
+        return statistics.mean(s for j in jobs if j["secure"] is secure for s in j["round_seconds"])
+
+    result = {
+        "benchmark": "transport",
+        "command": "python benchmarks/transport.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": args.model,
+        "signatures": signatures,
+        "jobs": [{k: v for k, v in j.items() if k != "secure"} for j in jobs],
+        "steady_round_seconds": {"plain": steady(False), "secure": steady(True)},
+        "secure_over_plain_round_time": steady(True) / steady(False),
+        "secure_over_plain_round_time_all_rounds": every(True) / every(False),
+        "target": {"secure_over_plain_round_time": 1.05},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""`fedllm pki ...`, `fedllm superlink`, `fedllm supernode`: a multi-site deployment.
+
+`superlink` and `supernode` check certificates, key files and the SuperLink's address
+(`fedllm.secure.preflight`) and then hand over to Flower's own `flower-superlink` /
+`flower-supernode` with TLS and node authentication switched on, so a mistake is named
+before any training starts rather than surfacing as Flower exit code 305 after its retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import FedllmError, KeyFileError
+
+__all__ = ["add_deploy_parsers", "add_federation_parser", "supernode_command"]
+
+DEFAULT_PKI = "keys/pki"
+DEFAULT_PORT = 9092
+
+
+def _print_checked(lines: list[str]) -> None:
+    for line in lines:
+        print(f"  ok  {line}")
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from fedllm.secure.pki import PkiLayout, init_pki, parse_sites
+
+    sites = parse_sites(args.sites)
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    registry = init_pki(Path(args.out), hosts=hosts, sites=sites, days=args.days, force=args.force)
+    layout = PkiLayout(Path(args.out))
+    print(f"CA and SuperLink certificate for {', '.join(hosts)} (valid {args.days} days):")
+    print(f"  {layout.ca_key}  (0600) the CA key: keep it offline")
+    print(f"  {layout.server_cert}, {layout.server_key} (0600): the coordinator's TLS pair")
+    print(f"  {layout.registry}: the sites' signing keys, for the coordinator")
+    for site, entry in registry["sites"].items():
+        print(
+            f"  {layout.site_dir(site)}/  partition-id {entry['partition-id']}: node-auth.key, "
+            f"signing.key (0600), ca.pem -> to {site} only; signing key "
+            f"{entry['signing-key-id'][:16]}..."
+        )
+    print(
+        "Register each site with the SuperLink: "
+        f"`fedllm pki register --dir {args.out} --federation <connection>`."
+    )
+    return 0
+
+
+def cmd_pki_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedllm.secure.pki import describe
+
+    rows = describe(Path(args.dir))
+    table = Table(title=f"keys under {args.dir}")
+    for col in ("file", "kind", "mode", "expires", "days left", "hosts / sites", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["file"],
+            r["kind"],
+            r["mode"],
+            r.get("expires", ""),
+            str(r.get("days_left", "")),
+            ", ".join(r.get("hosts", r.get("sites", []))),
+            r["status"],
+        )
+    Console(width=160).print(table)
+    bad = [r for r in rows if r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+def cmd_pki_check(args: argparse.Namespace) -> int:
+    from fedllm.secure.preflight import check_site, check_superlink
+
+    if args.site_dir:
+        checked = check_site(Path(args.site_dir), args.superlink, timeout=args.timeout)
+    else:
+        hosts = [h for h in (args.hosts or "").split(",") if h] or None
+        checked = check_superlink(Path(args.dir), hosts)
+    _print_checked(checked.lines)
+    return 0
+
+
+def cmd_pki_register(args: argparse.Namespace) -> int:
+    """Register every site's node-auth key with the SuperLink through Flower's own CLI."""
+    from fedllm.secure.pki import PkiLayout, load_registry
+
+    layout = PkiLayout(Path(args.dir))
+    sites = load_registry(layout.registry)
+    for site in sorted(sites.values(), key=lambda s: s.partition_id):
+        if args.sites and site.name not in args.sites.split(","):
+            continue
+        cmd = ["flwr", "supernode", "register", str(layout.node_auth_pub(site.name))]
+        cmd += [args.federation] if args.federation else []
+        cmd += ["--name", site.name]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        text = (done.stdout + done.stderr).strip().splitlines()
+        print(f"{site.name}: {text[-1] if text else done.returncode}")
+        if done.returncode != 0:
+            raise FedllmError(f"registering {site.name} failed: {' '.join(text[-3:])}")
+    return 0
+
+
+def _exec(cmd: list[str], dry_run: bool) -> int:
+    print("$ " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return 0
+    if shutil.which(cmd[0]) is None:
+        raise FedllmError(f"{cmd[0]} is not on PATH; install fedllm's environment first.")
+    os.execvp(cmd[0], cmd)  # Flower takes over this process (signals reach it directly)
+    return 0  # pragma: no cover
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from fedllm.secure.pki import PkiLayout
+    from fedllm.secure.preflight import check_superlink
+
+    layout = PkiLayout(Path(args.pki))
+    hosts = [h for h in (args.hosts or "").split(",") if h] or None
+    _print_checked(check_superlink(layout.root, hosts).lines)
+    cmd = [
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(layout.ca_cert),
+        "--ssl-certfile",
+        str(layout.server_cert),
+        "--ssl-keyfile",
+        str(layout.server_key),
+        "--enable-supernode-auth",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    if args.database:
+        cmd += ["--database", args.database]
+    return _exec(cmd + list(args.flower_args), args.dry_run)
+
+
+def supernode_command(
+    site_dir: Path,
+    superlink: str,
+    *,
+    partition_id: int,
+    num_partitions: int,
+    port: int | None = None,
+    node_config: str = "",
+) -> list[str]:
+    """The `flower-supernode` command line for a site: TLS to the federation's CA, node
+    authentication with the site's P-384 key, its signing key in the node config."""
+    config = (
+        f"partition-id={partition_id} num-partitions={num_partitions} "
+        f'signing-key="{site_dir / "signing.key"}" {node_config}'
+    ).strip()
+    cmd = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(site_dir / "ca.pem"),
+        "--auth-supernode-private-key",
+        str(site_dir / "node-auth.key"),
+        "--node-config",
+        config,
+    ]
+    return cmd + (["--port", str(port)] if port else [])
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from fedllm.secure.preflight import check_site
+
+    site_dir = Path(args.site_dir)
+    _print_checked(check_site(site_dir, args.superlink, timeout=args.timeout).lines)
+    cmd = supernode_command(
+        site_dir,
+        args.superlink,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        port=args.port,
+        node_config=args.node_config,
+    )
+    return _exec(cmd + list(args.flower_args), args.dry_run)
+
+
+def cmd_federation_add(args: argparse.Namespace) -> int:
+    """A Flower connection to a deployed SuperLink, written with Flower's own helpers."""
+    from flwr.cli.flower_config import init_flwr_config, write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    ca = Path(args.root_certificates).resolve()
+    if not ca.is_file():
+        raise KeyFileError(f"--root-certificates: no file at {ca}.")
+    init_flwr_config()
+    write_superlink_connection(
+        SuperLinkConnection(name=args.name, address=args.address, root_certificates=str(ca))
+    )
+    print(f"Flower connection '{args.name}' -> {args.address} (TLS, CA {ca}).")
+    print(f"Run with: flwr run . {args.name} --stream --run-config configs/deploy.toml")
+    return 0
+
+
+def add_deploy_parsers(sub: Any) -> None:
+    """`pki`, `superlink`, `supernode` and `federation add` under the main parser."""
+    pki = sub.add_parser("pki", help="certificates and keys for a multi-site deployment")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_sub.add_parser("init", help="make the CA, the SuperLink cert and site keys")
+    init.add_argument("--out", default=DEFAULT_PKI)
+    init.add_argument("--hosts", required=True, help="names/IPs the sites dial, comma-separated")
+    init.add_argument("--sites", required=True, help="a count (site-0..) or comma-separated names")
+    init.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    init.add_argument("--force", action="store_true", help="overwrite existing keys")
+    init.set_defaults(func=cmd_pki_init)
+    show = pki_sub.add_parser("show", help="list keys and certificates, expiry and modes")
+    show.add_argument("--dir", default=DEFAULT_PKI)
+    show.set_defaults(func=cmd_pki_show)
+    check = pki_sub.add_parser("check", help="check a coordinator's or a site's files")
+    check.add_argument("--dir", default=DEFAULT_PKI, help="the coordinator's pki directory")
+    check.add_argument("--hosts", help="host names the certificate must name")
+    check.add_argument("--site-dir", help="check a site's directory instead")
+    check.add_argument("--superlink", help="with --site-dir: dial this host:port over TLS")
+    check.add_argument("--timeout", type=float, default=5.0)
+    check.set_defaults(func=cmd_pki_check)
+    reg = pki_sub.add_parser("register", help="register the sites' node keys (flwr supernode)")
+    reg.add_argument("--dir", default=DEFAULT_PKI)
+    reg.add_argument("--federation", help="Flower connection of the SuperLink")
+    reg.add_argument("--sites", help="only these site names, comma-separated")
+    reg.set_defaults(func=cmd_pki_register)
+
+    link = sub.add_parser("superlink", help="check the certificates, then run flower-superlink")
+    link.add_argument("--pki", default=DEFAULT_PKI)
+    link.add_argument("--hosts", help="host names the certificate must name")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=DEFAULT_PORT)
+    link.add_argument("--database", help="SuperLink state file (default: in memory)")
+    link.add_argument("--dry-run", action="store_true", help="check and print the command")
+    link.add_argument("flower_args", nargs="*", help="after --: passed to flower-superlink")
+    link.set_defaults(func=cmd_superlink)
+
+    node = sub.add_parser("supernode", help="check a site's keys and the link, then run it")
+    node.add_argument("--site-dir", required=True, help="keys/pki/sites/<site> from pki init")
+    node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    node.add_argument("--partition-id", type=int, required=True)
+    node.add_argument("--num-partitions", type=int, required=True)
+    node.add_argument("--port", type=int, help="the SuperNode's local API port")
+    node.add_argument("--node-config", default="", help="more node config (key=value ...)")
+    node.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for TLS")
+    node.add_argument("--dry-run", action="store_true", help="check and print the command")
+    node.add_argument("flower_args", nargs="*", help="after --: passed to flower-supernode")
+    node.set_defaults(func=cmd_supernode)
+
+
+def add_federation_parser(fed: Any) -> None:
+    add = fed.add_parser("add", help="add a Flower connection to a deployed TLS SuperLink")
+    add.add_argument("name", help="connection name, e.g. fedllm-deploy")
+    add.add_argument("--address", required=True, help="host:port of the SuperLink")
+    add.add_argument("--root-certificates", required=True, help="the federation's ca.pem")
+    add.set_defaults(func=cmd_federation_add)

@@ -1,0 +1,180 @@
+"""A real deployment on loopback: SuperLink with TLS + node authentication, three SuperNodes.
+
+Everything is a process started the documented way (`fedllm pki init`, `fedllm superlink`,
+`fedllm pki register`, `fedllm supernode`, `flwr run <app> <connection>`), on 127.0.0.1
+only, with a tiny model. Two jobs run on the same federation:
+
+1. two honest rounds: every site takes part, every update's signature verifies;
+2. three rounds with a compromised site 1 (replays its round-1 update in round 2) and site 2
+   (tampers with its signed update in round 2, then its SuperNode is killed mid-round 3).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedllm.cli import main as cli
+from fedllm.privacy.ledger import Ledger
+from fedllm.secure.pki import init_pki
+from tests.deployment import LoopbackFederation, adversary_app, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _job(fed: LoopbackFederation, tiny: Path, name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model.name": str(tiny),
+        "run.name": name,
+        "run.output-dir": str(fed.root / "out"),
+        "train.local-steps": 2,
+        "eval.max-examples": 8,
+        "security.sign-updates": True,
+        "security.registry": str(fed.pki / "registry.json"),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("deploy")
+    rogue = init_pki(root / "rogue-pki", hosts=["127.0.0.1"], sites=["rogue"])  # never registered
+    assert rogue["sites"]
+    node_config = {
+        1: 'adversary="replay@2"',
+        2: f'adversary="tamper@2,stall@3" marker-dir="{root}"',
+    }
+    out: dict[str, Any] = {"root": root}
+    with LoopbackFederation(root, node_config=node_config) as fed:
+        out["fed"] = fed
+        # Intruders, while the honest job runs: a SuperNode that trusts the federation's CA
+        # but holds a key that was never registered, and one that has a registered key but
+        # not the federation's CA certificate.
+        rogue_dir = root / "rogue-pki" / "sites" / "rogue"
+        fed.start_site(
+            0,
+            name="unregistered",
+            args=[
+                "--superlink", fed.address, "--root-certificates", str(fed.pki / "ca.pem"),
+                "--auth-supernode-private-key", str(rogue_dir / "node-auth.key"),
+                "--max-retries", "1", "--port", str(free_port()),
+            ],
+        )  # fmt: skip
+        fed.start_site(
+            0,
+            name="no-ca",
+            args=[
+                "--superlink", fed.address,
+                "--auth-supernode-private-key", str(fed.pki / "sites/site-0/node-auth.key"),
+                "--max-retries", "1", "--port", str(free_port()),
+            ],
+        )  # fmt: skip
+        honest = fed.run(_job(fed, tiny_model_dir, "honest", **{"run.rounds": 2}))
+        out["honest_log"] = honest.wait(600)
+        out["honest"] = json.loads((root / "out" / "honest" / "summary.json").read_text())
+        for name in ("unregistered", "no-ca"):
+            out[f"{name}_rc"] = fed.procs[name].wait(timeout=120)
+            out[f"{name}_log"] = fed.log(name)
+
+        faulty = fed.run(
+            _job(fed, tiny_model_dir, "faults", **{"run.rounds": 3, "run.min-sites": 1}),
+            app=adversary_app(root),
+        )
+        deadline = time.monotonic() + 600
+        while not (root / "stalled-2").exists():
+            assert faulty.proc.poll() is None, faulty.output()[-4000:]
+            assert time.monotonic() < deadline, "site 2 never reached round 3"
+            time.sleep(0.5)
+        fed.kill("site-2")  # mid-round: it is training (stalled) when its machine goes
+        out["faults_log"] = faulty.wait(600)
+        out["faults"] = json.loads((root / "out" / "faults" / "summary.json").read_text())
+        out["superlink_log"] = fed.log("superlink")
+    out["leftover"] = subprocess.run(
+        ["pgrep", "-a", "-f", str(root)], capture_output=True, text=True
+    ).stdout.splitlines()
+    return out
+
+
+def test_tls_job_completes_with_all_three_sites_and_every_signature_verifies(
+    deployment: dict[str, Any],
+) -> None:
+    s = deployment["honest"]
+    assert s["status"] == "completed" and s["rounds_completed"] == 2
+    assert [p["aggregated"] for p in s["participation"]] == [[0, 1, 2], [0, 1, 2]]
+    assert not s["rejected_updates"] and not s["failures"]
+    verified = s["security"]["verified"]
+    for r in ("1", "2"):
+        assert sorted(verified[r]["train"]) == [0, 1, 2]
+        assert sorted(verified[r]["evaluate"]) == [0, 1, 2]
+    assert s["security"]["sign_updates"] is True
+    assert set(s["security"]["site_keys"]) == {"0", "1", "2"}
+
+
+def test_the_superlink_speaks_only_tls_with_the_federations_certificate(
+    deployment: dict[str, Any],
+) -> None:
+    log = deployment["superlink_log"]
+    assert "Uvicorn running on https://127.0.0.1" in log
+    # A client that does not hold the federation's CA cannot complete the handshake.
+    assert deployment["no-ca_rc"] != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment["no-ca_log"]
+    assert "SuperNode ID" not in deployment["no-ca_log"]
+
+
+def test_a_supernode_with_an_unregistered_key_is_refused(deployment: dict[str, Any]) -> None:
+    assert deployment["unregistered_rc"] != 0
+    assert "SuperNode ID" not in deployment["unregistered_log"]
+    assert "No SuperNode found with the given public key" in deployment["superlink_log"]
+    # ...and it never took part: only the three registered sites ever replied.
+    assert set(deployment["honest"]["sites"]) == {"0", "1", "2"}
+
+
+def test_replayed_and_tampered_updates_are_rejected_and_the_round_goes_on(
+    deployment: dict[str, Any],
+) -> None:
+    s = deployment["faults"]
+    round2 = next(p for p in s["participation"] if p["round"] == 2)
+    assert round2["aggregated"] == [0]
+    rejected = {r["site"]: r["reason"] for r in s["rejected_updates"]}
+    assert set(rejected) == {1, 2}
+    assert "replayed update: signed for train round 1, this is train round 2" in rejected[1]
+    assert "payload does not match its signature" in rejected[2]
+    assert round2["rejected"] == [1, 2]
+    assert all(r["round"] == 2 for r in s["rejected_updates"])
+    log = deployment["faults_log"]
+    assert "rejected train reply: site 1" in log and "rejected train reply: site 2" in log
+
+
+def test_a_supernode_killed_mid_round_is_named_and_the_run_finishes(
+    deployment: dict[str, Any],
+) -> None:
+    s = deployment["faults"]
+    assert s["status"] == "completed" and s["rounds_completed"] == 3
+    round3 = next(p for p in s["participation"] if p["round"] == 3)
+    assert round3["aggregated"] == [0, 1] and round3["missing"] == [2]
+    failure = next(f for f in s["failures"] if f["round"] == 3)
+    assert failure["site"] == 2 and failure["phase"] == "train"
+    assert "Node Unavailable" in failure["reason"]
+    assert "site 2 (node" in deployment["faults_log"]
+
+
+def test_a_refused_rounds_spend_is_backfilled_and_both_ledgers_verify(
+    deployment: dict[str, Any],
+) -> None:
+    """Site 1 trained in round 2 (its own ledger has the spend) but its reply was a replay:
+    its signed round-3 reply carries its history, and the run ledger fills the gap."""
+    root = deployment["root"]
+    records = Ledger(root / "out" / "faults" / "ledger.jsonl").records()
+    backfilled = [r for r in records if r.get("backfilled")]
+    assert [(r["site"], r["round"]) for r in backfilled] == [(1, 2)]
+    for run in ("honest", "faults"):
+        assert cli(["audit", "verify", str(root / "out" / run)]) == 0
+
+
+def test_every_process_the_test_started_is_gone(deployment: dict[str, Any]) -> None:
+    assert deployment["leftover"] == []
