@@ -100,7 +100,12 @@ def _job(work: Path, secure: bool, index: int, model: str, rounds: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument(
+        "--model",
+        default="embedded:smollm2-135m-instruct",
+        help="model.name for the job, or 'tiny' for the test suite's tiny Llama (short rounds,"
+        " so fixed per-message transport costs weigh the most)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="plain/secure pairs")
     parser.add_argument("--params", type=int, default=184_320, help="update size (signatures)")
@@ -110,12 +115,17 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-transport-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    model = args.model
+    if model == "tiny":
+        from tests.tiny import make_tiny_model_dir
+
+        model = str(make_tiny_model_dir(work / "tiny-model"))
     signatures = _signatures(args.params, repeats=20)
     print(json.dumps(signatures), flush=True)
     jobs = []
     for i in range(args.repeats):
         for secure in (False, True):
-            job = _job(work, secure, i, args.model, args.rounds)
+            job = _job(work, secure, i, model, args.rounds)
             print(json.dumps(job), flush=True)
             jobs.append({"secure": secure, **job})
 
@@ -135,6 +145,9 @@ def main() -> None:
         "model": args.model,
         "signatures": signatures,
         "jobs": [{k: v for k, v in j.items() if k != "secure"} for j in jobs],
+        "steady_round_seconds_per_job": [
+            {"secure": j["secure"], "mean": statistics.mean(j["round_seconds"][1:])} for j in jobs
+        ],
         "steady_round_seconds": {"plain": steady(False), "secure": steady(True)},
         "secure_over_plain_round_time": steady(True) / steady(False),
         "secure_over_plain_round_time_all_rounds": every(True) / every(False),

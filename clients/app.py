@@ -5,7 +5,9 @@ reply. Each site writes every DP-SGD spend to its own hash-chained ledger (fsync
 update leaves) and rebuilds its history from it, so the ε it reports is its cumulative spend
 over the whole run, resumed runs included. Under homomorphic aggregation the site decrypts
 the global adapter and encrypts what it sends (`fedllm.secure.he_site`); the coordinator never
-sees either in plaintext.
+sees either in plaintext. With `security.sign-updates` every reply (train, refusal,
+evaluate) is signed with the site's Ed25519 key over the run, round, node and a digest of the
+whole payload, so the coordinator can prove which site sent it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fedllm.records import (
     record_to_ciphertexts,
     route_fedllm_logs,
 )
+from fedllm.secure.at_rest import configured_key
 from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.packing import share_weight
@@ -59,10 +62,13 @@ def _site(context: Context) -> tuple[int, int]:
 
 
 def _site_ledger(cfg: FedllmConfig, context: Context, site: int) -> Ledger:
-    """This site's own privacy ledger (under `state-dir` from the node config, if given)."""
+    """This site's own privacy ledger (under `state-dir` from the node config, if given),
+    sealed under the node config's `at-rest-key`, else the run's security.at-rest-key (a
+    key that is named but unusable stops the site before it trains)."""
     root = context.node_config.get("state-dir")
     base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
-    return Ledger(base / "sites" / f"site-{site}" / "ledger.jsonl")
+    key = configured_key(str(context.node_config.get("at-rest-key") or cfg.security.at_rest_key))
+    return Ledger(base / "sites" / f"site-{site}" / "ledger.jsonl", key=key)
 
 
 def _prepare(

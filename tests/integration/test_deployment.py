@@ -178,3 +178,14 @@ def test_a_refused_rounds_spend_is_backfilled_and_both_ledgers_verify(
 
 def test_every_process_the_test_started_is_gone(deployment: dict[str, Any]) -> None:
     assert deployment["leftover"] == []
+
+
+def test_the_audit_report_states_which_updates_were_signed_and_which_were_rejected(
+    deployment: dict[str, Any],
+) -> None:
+    run = deployment["root"] / "out" / "faults"
+    assert cli(["audit", "report", str(run)]) == 0
+    md = (run / "audit-report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- **Update signatures**"))
+    assert "3 registered site keys" in line and "2 rejected" in line
+    assert "payload does not match its signature" in line and "replayed update" in line

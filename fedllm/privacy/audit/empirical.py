@@ -28,6 +28,7 @@ from fedllm.privacy.audit.canaries import (
 from fedllm.privacy.audit.lower_bound import one_run_audit
 from fedllm.privacy.ledger import DP_SGD, USER_GAUSSIAN, Ledger
 from fedllm.rundir import write_json_atomic
+from fedllm.secure.at_rest import AtRestKey
 
 __all__ = ["AUDIT_FILE", "AuditBugError", "audit_run", "proven_epsilon"]
 
@@ -96,13 +97,16 @@ def _secret_report(
     return {"name": secret.name, "repeats": cfg.audit.secret_repeats, **out}
 
 
-def _final_adapter(path: Path, summary: dict[str, Any]) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _final_adapter(
+    path: Path, summary: dict[str, Any], at_rest: AtRestKey | None
+) -> dict[str, np.ndarray]:
+    from fedllm.model import ADAPTER_FILE, load_adapter_arrays
+    from fedllm.secure.at_rest import stored_file
 
     ckpt = summary.get("adapter", {}).get("final_checkpoint")
-    if not ckpt or not (Path(ckpt) / "adapter_model.safetensors").is_file():
+    if not ckpt or stored_file(Path(ckpt) / ADAPTER_FILE) is None:
         raise RunDirError(f"run {path} has no final adapter checkpoint to audit.")
-    return load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+    return load_adapter_arrays(Path(ckpt), at_rest=at_rest)
 
 
 def _gradient_canary_audit(
@@ -133,9 +137,15 @@ def _gradient_canary_audit(
 
 
 def audit_run(
-    path: Path, cfg: FedllmConfig, summary: dict[str, Any], *, device: str = "auto"
+    path: Path,
+    cfg: FedllmConfig,
+    summary: dict[str, Any],
+    *,
+    device: str = "auto",
+    at_rest: AtRestKey | None = None,
 ) -> dict[str, Any]:
-    """Score canaries and secrets, compare with the proven ε, write `audit/empirical.json`.
+    """Score canaries and secrets, compare with the proven ε, write `audit/empirical.json`
+    (the checkpoint and ledger opened under `at_rest` if sealed; the result holds no weights).
 
     Raises
     ------
@@ -150,9 +160,9 @@ def audit_run(
             f"run {path} inserted no canaries or secrets; rerun with audit.canaries or "
             "audit.gradient-canaries >= 1000 and/or audit.secrets > 0."
         )
-    saved = _final_adapter(path, summary)
+    saved = _final_adapter(path, summary, at_rest)
     site = audit.canary_site
-    records = Ledger(path / "ledger.jsonl").records()
+    records = Ledger(path / "ledger.jsonl", key=at_rest).records()
     proven, proven_delta, source = proven_epsilon(records, site)
     n_site = (summary.get("sites", {}).get(str(site)) or {}).get("num_examples") or 1
     delta = proven_delta if proven_delta is not None else default_delta(int(n_site))

@@ -17,6 +17,7 @@ from typing import Any
 from fedllm.privacy.accounting import MECHANISMS, epsilon_curve
 from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, Ledger
 from fedllm.privacy.verify import plausible, verify_records
+from fedllm.secure.at_rest import AtRestKey
 
 __all__ = ["build_report"]
 
@@ -226,12 +227,15 @@ def _empirical_tables(
     return tables, bugs
 
 
-def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
+def build_report(
+    run_dir: Path, *, at_rest: AtRestKey | None = None
+) -> tuple[Path, Path, list[str]]:
     """Write `audit-report.html` and `audit-report.md` into `run_dir`; returns their paths
-    and the ledger problems found (empty when the ledger verifies)."""
+    and the ledger problems found (empty when the ledger verifies). A sealed ledger is
+    opened under `at_rest`; the report itself is plaintext, for the auditor."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    records = Ledger(run_dir / "ledger.jsonl").records()
+    records = Ledger(run_dir / "ledger.jsonl", key=at_rest).records()
     problems = verify_records(records)
     sites = _histories(records)
     tables = _tables(summary, sites)
@@ -262,6 +266,8 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
             else "not run (an auditing run sets audit.* canaries)",
         ),
         ("Secure aggregation", _secure_aggregation_text(summary)),
+        ("Update signatures", _signatures_text(summary)),
+        ("Encryption at rest", _at_rest_text(summary)),
         ("Config SHA-256", config["config_hash"]),
         (
             "Sampling RNG",
@@ -275,6 +281,42 @@ def build_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
     return html_path, md_path, problems + bugs
+
+
+def _signatures_text(summary: dict[str, Any]) -> str:
+    """Which sites' updates were proven theirs: the statement an auditor can check against
+    `registry.json` (key ids) and `rejected_updates` in summary.json."""
+    security = summary.get("security") or {}
+    if not security.get("sign_updates"):
+        return "off: updates were not signed; which site sent an update rests on Flower's node ids"
+    keys = security.get("site_keys") or {}
+    verified = security.get("verified") or {}
+    checked = sum(len(v) for phases in verified.values() for v in phases.values())
+    rejected = summary.get("rejected_updates") or []
+    named = ", ".join(f"{k['name']} {k['key_id'][:12]}" for k in keys.values())
+    text = (
+        f"Ed25519 over (run, round, node, phase, SHA-256 of the reply), checked against "
+        f"{len(keys)} registered site keys "
+        f"({named}); "
+        f"{checked} replies verified before use"
+    )
+    if rejected:
+        text += (
+            f"; {len(rejected)} rejected ("
+            + "; ".join(f"round {r['round']} {r['sender']}: {r['reason']}" for r in rejected)
+            + ")"
+        )
+    return text + "; none rejected" * (not rejected)
+
+
+def _at_rest_text(summary: dict[str, Any]) -> str:
+    key = (summary.get("security") or {}).get("at_rest")
+    if not key:
+        return "off: checkpoints and the ledger are plaintext on the coordinator's disk"
+    return (
+        f"{key['cipher']} under key {key['key_id']}: checkpoints and ledger records sealed "
+        "(the ledger's hash chain is over the plaintext records, verified above)"
+    )
 
 
 def _secure_aggregation_text(summary: dict[str, Any]) -> str:
