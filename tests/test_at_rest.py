@@ -13,8 +13,7 @@ import pytest
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.errors import KeyFileError
 from fedllm.model import ADAPTER_FILE, load_adapter_arrays, save_peft_adapter
-from fedllm.privacy.accounting import MECHANISMS, epsilon_report
-from fedllm.privacy.ledger import Ledger, dp_sgd_entry, verify_chain
+from fedllm.privacy.ledger import Ledger, verify_chain
 from fedllm.privacy.verify import verify_records
 from fedllm.secure.at_rest import (
     SUFFIX,
@@ -32,9 +31,8 @@ from fedllm.secure.he_checkpoint import (
     save_encrypted_adapter,
 )
 from fedllm.secure.packing import Packing
+from tests.test_privacy_ledger import _spend
 
-STEP = (0.8, 0.05, 4)
-DELTA = 1e-4
 ARRAYS = {
     "base_model.model.layer.q_proj.lora_A.weight": np.arange(16, dtype=np.float32).reshape(2, 8),
     "base_model.model.layer.q_proj.lora_B.weight": np.full((8, 2), 0.25, dtype=np.float32),
@@ -49,21 +47,6 @@ def key(tmp_path: Path) -> AtRestKey:
 @pytest.fixture
 def other_key(tmp_path: Path) -> AtRestKey:
     return make_key_file(tmp_path / "keys" / "other.key")
-
-
-def _spend(k: int) -> dict[str, object]:
-    report = epsilon_report([STEP] * k, delta=DELTA)
-    return dp_sgd_entry(
-        run_id="r",
-        server_round=k,
-        site=0,
-        noise_multiplier=STEP[0],
-        sample_rate=STEP[1],
-        steps=STEP[2],
-        max_grad_norm=1.0,
-        delta=DELTA,
-        epsilons={m: float(report[m]) for m in MECHANISMS},
-    )
 
 
 def _ledger(path: Path, key: AtRestKey | None, rounds: int = 3) -> Ledger:
