@@ -7,7 +7,9 @@ over the whole run, resumed runs included. Under homomorphic aggregation the sit
 the global adapter and encrypts what it sends (`fedllm.secure.he_site`); the coordinator never
 sees either in plaintext. With `security.sign-updates` every reply (train, refusal,
 evaluate) is signed with the site's Ed25519 key over the run, round, node and a digest of the
-whole payload, so the coordinator can prove which site sent it.
+whole payload, so the coordinator can prove which site sent it. With `safety.screen-site-data`
+the site drops the training examples its safety filter flags before training (`fedllm.site`)
+and reports only how many (`safety-dropped`).
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
             **history,  # lets the coordinator backfill spends whose replies it never accepted
         }
     )
+    if cfg.safety.screen_site_data:  # a count only: the flagged examples stay at the site
+        metrics["safety-dropped"] = data.safety_dropped
     log.info(
         "site %d: round trained, loss %.4f, epsilon %.4f",
         data.site,

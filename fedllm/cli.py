@@ -350,6 +350,7 @@ def cmd_federation_setup(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fedllm.cli_deploy import add_deploy_parsers, add_federation_parser
+    from fedllm.cli_safety import add_safety_parsers
     from fedllm.config import HEConfig
 
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__.splitlines()[0])
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     setup.set_defaults(func=cmd_federation_setup)
     add_federation_parser(fed)
     add_deploy_parsers(sub)
+    add_safety_parsers(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Pictures of a run: held-out loss and cumulative ε per site, round by round."""
+"""Pictures of a run: held-out loss and cumulative ε per site, round by round, and, when the
+run screens the global model, its harmful-compliance and over-refusal rates."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rounds = summary["eval_rounds"]
-    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    safety = summary.get("safety") or {}
+    screened = [safety["base"], *safety.get("rounds", [])] if safety.get("base") else []
+    panels = 3 if screened else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    ax_loss, ax_eps = axes[0], axes[1]
     for site, info in summary["sites"].items():
         pts = [(r, v) for r, v in zip(rounds, info["eval_loss"], strict=True) if v is not None]
         if pts:
@@ -35,7 +40,9 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
         xlabel="round",
         ylabel="ε",
     )
-    for ax in (ax_loss, ax_eps):
+    if screened:
+        _plot_safety(axes[2], screened, safety.get("rollbacks", []))
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -45,3 +52,38 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_safety(ax: Any, screened: list[dict[str, Any]], rollbacks: list[dict[str, Any]]) -> None:
+    """Both rates per screened round with their 95% intervals, the base model's (round 0) as
+    dashed reference lines, and a cross on every rolled-back round."""
+    xs = [e["round"] for e in screened]
+    for key, label, color in (
+        ("harmful_compliance", "harmful compliance", "tab:red"),
+        ("benign_over_refusal", "benign over-refusal", "tab:blue"),
+    ):
+        ys = [100 * e[key]["rate"] for e in screened]
+        err = [
+            [y - 100 * e[key]["ci95"][0] for y, e in zip(ys, screened, strict=True)],
+            [100 * e[key]["ci95"][1] - y for y, e in zip(ys, screened, strict=True)],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=label)
+        ax.axhline(ys[0], color=color, linestyle="--", linewidth=1, alpha=0.7)
+    rolled = {r["round"] for r in rollbacks}
+    if rolled:
+        hc = {e["round"]: 100 * e["harmful_compliance"]["rate"] for e in screened}
+        ax.scatter(
+            sorted(rolled),
+            [hc[r] for r in sorted(rolled)],
+            marker="x",
+            s=120,
+            color="black",
+            zorder=3,
+            label="rolled back",
+        )
+    ax.set(
+        title="safety of the global model (dashed: base model)",
+        xlabel="round",
+        ylabel="% of probes",
+        ylim=(-3, 103),
+    )

@@ -7,6 +7,7 @@ name resumes from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.config import FedllmConfig, config_hash
+from fedllm.config import FedllmConfig, SafetyConfig, config_hash
 from fedllm.errors import RunDirError
 
 __all__ = ["LEDGER_FILE", "RunDir", "write_json_atomic"]
@@ -53,6 +54,8 @@ def _resume_key(cfg: FedllmConfig) -> str:
     d = cfg.to_dict()
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("rounds", "timeout")}
     d["security"] = {k: v for k, v in d["security"].items() if k not in _KEY_LOCATIONS}
+    if d["safety"] == dataclasses.asdict(SafetyConfig()):
+        del d["safety"]  # runs made before safety screening existed still resume
     return json.dumps(d, sort_keys=True)
 
 

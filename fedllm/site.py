@@ -66,6 +66,7 @@ class SiteData:
     eval: Features
     categories: list[str]
     virtual_records: int = 0  # an auditing site's inserted gradient canaries
+    safety_dropped: int = 0  # training examples the safety filter flagged (safety.screen-site-data)
 
     @property
     def num_records(self) -> int:
@@ -96,6 +97,11 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
         max_eval_examples=cfg.eval.max_examples,
         seed=cfg.run.seed,
     )
+    dropped = 0
+    if cfg.safety.screen_site_data:  # before the canaries, and before n is counted for DP
+        from fedllm.safety.screen import drop_flagged
+
+        train_ds, dropped = drop_flagged(train_ds, cfg.safety, site=site, device=cfg.train.device)
     if cfg.audit.inserts_data and site == cfg.audit.canary_site:
         train_ds = _with_audit_rows(train_ds, cfg, tokenizer)
     train = tokenize_examples(train_ds, tokenizer, max_length=cfg.data.max_length)
@@ -114,6 +120,7 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
         eval=held_out,
         categories=sorted(set(parts[site]["category"])),
         virtual_records=virtual,
+        safety_dropped=dropped,
     )
 
 
@@ -352,9 +359,10 @@ def _cached_tokenizer(model_dir: str, trust_remote_code: bool) -> object:
 
 
 def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[SiteData, object]:
-    """This site's data and the tokenizer, memoised per (data, model, eval, seed) settings."""
+    """This site's data and the tokenizer, memoised per (data, model, eval, safety, seed)."""
     key = json.dumps(
-        [cfg.to_dict()[k] for k in ("data", "model", "eval")] + [cfg.run.seed, site, num_sites],
+        [cfg.to_dict()[k] for k in ("data", "model", "eval", "safety")]
+        + [cfg.run.seed, site, num_sites],
         sort_keys=True,
     )
     if key not in _SITE_DATA:

@@ -97,6 +97,7 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "failures": state.get("failures", []),
         "participation": _participation(state, trains),
         "security": state.get("security"),
+        "safety": _safety(cfg, state, trains),
         "adapter": state.get("adapter", {}),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
@@ -137,6 +138,50 @@ def _participation(
                 "missing": sites("failures"),
             }
         )
+    return out
+
+
+def _safety(
+    cfg: FedllmConfig, state: dict[str, Any], trains: dict[int, dict[str, dict[str, float]]]
+) -> dict[str, Any] | None:
+    """Content safety: the base model's rates, each screened round's rates, intervals and gate
+    decision, the rollbacks, and what each site dropped from its training data (a count)."""
+    s = cfg.safety
+    if not (s.screens or s.screen_site_data):
+        return None
+    recorded = state.get("safety", {})
+    out: dict[str, Any] = {
+        "filter": recorded.get("filter", s.filter),
+        "threshold": recorded.get("threshold"),
+        "probes": recorded.get("probes", s.probes if s.screens else None),
+        "probe_counts": recorded.get("probe_counts"),
+        "screen_every": s.screen_every,
+        "max_new_tokens": s.max_new_tokens,
+        "harmful_compliance": (
+            "share of harmful probes whose answer is no refusal and is flagged by the filter"
+        ),
+        "benign_over_refusal": "share of benign probes whose answer is a refusal",
+        "gate": {"max_rise_points": s.gate_max_rise, "action": s.gate_action}
+        if s.screens
+        else None,
+        "base": recorded.get("base"),
+        "rounds": recorded.get("rounds", []),
+        "rollbacks": recorded.get("rollbacks", []),
+        "site_data": None,
+    }
+    if s.screen_site_data:
+        dropped = {
+            site: int(m["safety-dropped"])
+            for r in sorted(trains)
+            for site, m in trains[r].items()
+            if "safety-dropped" in m
+        }
+        out["site_data"] = {
+            "filter": s.filter,
+            "threshold": s.site_data_threshold or None,  # None: the filter's own threshold
+            "dropped": dict(sorted(dropped.items(), key=lambda kv: int(kv[0]))),
+            "note": "only the count leaves a site; like its example count, it is not DP-protected",
+        }
     return out
 
 
@@ -265,6 +310,23 @@ def render_table(summary: dict[str, Any]) -> Any:
         notes.append("every aggregated update was signed and verified against the registry")
     if notes:
         table.caption = "\n".join(filter(None, [table.caption, *notes]))
+    safety = summary.get("safety") or {}
+    if safety.get("base"):
+        screened = [safety["base"], *safety.get("rounds", [])]
+        rates = ", ".join(
+            f"r{e['round']} {100 * e['harmful_compliance']['rate']:.0f}%/"
+            f"{100 * e['benign_over_refusal']['rate']:.0f}%"
+            for e in screened
+        )
+        rolled = [str(r["round"]) for r in safety.get("rollbacks", [])]
+        table.caption = (table.caption or "") + (
+            f"\nsafety ({safety['filter']}): harmful compliance / benign over-refusal {rates}"
+            + (f"; rolled back round {', '.join(rolled)}" if rolled else "")
+        )
+    if (safety.get("site_data") or {}).get("dropped"):
+        dropped = ", ".join(f"site {k}: {v}" for k, v in safety["site_data"]["dropped"].items())
+        note = f"training examples dropped by the safety filter: {dropped}"
+        table.caption = "\n".join(filter(None, [table.caption, note]))
     user = summary.get("user_level") or {}
     if user.get("epsilon") is not None:
         table.caption = (table.caption or "") + (

@@ -7,11 +7,14 @@ configured Flower strategy's `aggregate_train`, except under homomorphic aggrega
 `server.secure_aggregation` sums ciphertexts the coordinator cannot read. With
 `security.sign-updates` every reply is verified against the site's registered Ed25519 key
 (`fedllm.secure.sign`) before anything in it is used; a rejected, refused or missing site is
-recorded per round, and the round goes on while `run.min-sites` remain.
+recorded per round, and the round goes on while `run.min-sites` remain. With
+`safety.screen-every` the candidate global adapter of a screening round is asked the probe
+prompts (`fedllm.safety.screen`) before it is adopted; a tripped gate keeps the previous one.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import time
@@ -42,6 +45,7 @@ from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_e
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
 from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
+from fedllm.safety.screen import Screener, ScreenResult, gate
 from fedllm.secure.at_rest import AtRestKey, configured_key
 from fedllm.secure.packing import share_weight
 from fedllm.secure.pki import load_registry
@@ -95,6 +99,30 @@ def _error_reason(text: str | None) -> str:
 app = create_app()
 
 
+def _records_name(server_round: int) -> str:
+    return f"safety/round-{server_round}.json"
+
+
+def _pct(rate: dict[str, Any]) -> str:
+    low, high = rate["ci95"]
+    return (
+        f"{100 * rate['rate']:.1f}% ({rate['count']}/{rate['total']}, "
+        f"95% CI {100 * low:.1f}-{100 * high:.1f}%)"
+    )
+
+
+def _strategy_state(strategy: Any) -> dict[str, Any]:
+    """A copy of a strategy's attributes. Server optimisers keep state between rounds
+    (FedAvgM's current arrays and momentum, FedAdam's moments); a rolled-back round must not
+    leave its update in them."""
+    return copy.deepcopy(vars(strategy))
+
+
+def _restore_strategy_state(strategy: Any, saved: dict[str, Any]) -> None:
+    vars(strategy).clear()
+    vars(strategy).update(saved)
+
+
 def _dp_label(cfg: FedllmConfig) -> str:
     parts = []
     if cfg.privacy.record_level:
@@ -142,6 +170,9 @@ class FederatedRun:
         self.registry = (
             load_registry(Path(cfg.security.registry)) if cfg.security.sign_updates else None
         )
+        # The probes and the filter load now, so a bad safety.* setting stops the run first.
+        self.initial = dict(self.arrays)  # the base model's behaviour: B = 0
+        self.screener = Screener(cfg) if cfg.safety.screens else None
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, kind: str, server_round: int, site: str, metrics: dict[str, Any]) -> None:
@@ -209,7 +240,10 @@ class FederatedRun:
                 f"only {ok} of {self.num_sites} sites could evaluate the initial adapter "
                 f"(run.min-sites = {self.cfg.run.min_sites}): {'; '.join(reasons) or 'no reply'}"
             )
+        base = self._screen_base()
         self.run = RunDir.create(self.cfg, self.state)
+        if base is not None:
+            self._write_screen_records(0, base)
         summary = self._save()
         log(
             INFO,
@@ -263,17 +297,26 @@ class FederatedRun:
             len(self.arrays),
             self.state["adapter"]["sent_parameters"],
         )
+        self._log_safety_plan()
         if self.run is None:
             self._start_new_run(strategy)
         assert self.run is not None
+        if self.screener is not None and "base" not in self.state.get("safety", {}):
+            self._write_screen_records(0, self._screen_base())  # a run resumed mid-setup
+            self._save()
         start_round = self.rounds_completed + 1
         if start_round > cfg.run.rounds:
             log(INFO, "fedllm: run %s already has %d rounds.", cfg.run.name, cfg.run.rounds)
         for server_round in range(start_round, cfg.run.rounds + 1):
             t0 = time.monotonic()
             log(INFO, "fedllm: [round %d/%d] training", server_round, cfg.run.rounds)
+            screening = self.screener is not None and cfg.safety.screens_round(
+                server_round, cfg.run.rounds
+            )
+            before = (self.arrays, _strategy_state(strategy)) if screening else None
             if not self._train(strategy, server_round):
                 break
+            gate_stops = before is not None and self._screen_round(server_round, strategy, *before)
             self._evaluate(strategy, server_round)
             self._checkpoint(server_round)
             self.state.setdefault("round_seconds", []).append(round(time.monotonic() - t0, 2))
@@ -289,6 +332,8 @@ class FederatedRun:
                 loss if loss is not None else float("nan"),
                 {s: round(e, 3) for s, e in summary["epsilon"].items() if e is not None},
             )
+            if gate_stops:
+                break
         else:
             self.state["status"] = "completed"
         if self.canary_clients is not None:
@@ -307,6 +352,132 @@ class FederatedRun:
             self.run.path / "summary.json",
             console_text.getvalue(),
         )
+
+    # -- content safety (safety.*) -----------------------------------------------------------
+    def _log_safety_plan(self) -> None:
+        if self.screener is None:
+            return
+        s, probes, filt = self.cfg.safety, self.screener.probes, self.screener.filter
+        counts = probes.counts()
+        log(
+            INFO,
+            "fedllm: safety screening every %d round(s): %d harmful + %d benign probes from %s, "
+            "filter %s (threshold %g), gate: %s above +%g points",
+            s.screen_every,
+            counts["harmful"],
+            counts["benign"],
+            probes.source,
+            filt.name,
+            filt.threshold,
+            s.gate_action,
+            s.gate_max_rise,
+        )
+
+    def _screen_base(self) -> ScreenResult | None:
+        """Round 0: the base model (the initial adapter, B = 0), the gate's reference."""
+        if self.screener is None:
+            return None
+        result = self.screener.screen(self.initial)
+        counts = self.screener.probes.counts()
+        self.state["safety"] = {
+            "filter": self.screener.filter.name,
+            "threshold": self.screener.filter.threshold,
+            "probes": self.screener.probes.source,
+            "probe_counts": counts,
+            "base": {"round": 0, **result.to_dict(), "records": _records_name(0)},
+            "rounds": [],
+            "rollbacks": [],
+        }
+        log(
+            INFO,
+            "fedllm: [round 0] safety of the base model: harmful compliance %s, benign "
+            "over-refusal %s (%.1fs)",
+            _pct(result.harmful_compliance.to_dict()),
+            _pct(result.benign_over_refusal.to_dict()),
+            result.seconds,
+        )
+        return result
+
+    def _write_screen_records(self, server_round: int, result: ScreenResult | None) -> None:
+        """Per-probe records go to their own file in the run dir, never into summary.json."""
+        if result is None or self.run is None:
+            return
+        path = self.run.path / _records_name(server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            path,
+            {
+                "round": server_round,
+                "filter": self.state["safety"]["filter"],
+                "threshold": self.state["safety"]["threshold"],
+                "probes": self.state["safety"]["probes"],
+                "records": result.records,
+            },
+        )
+
+    def _screen_round(
+        self,
+        server_round: int,
+        strategy: Any,
+        previous: dict[str, np.ndarray],
+        strategy_state: dict[str, Any],
+    ) -> bool:
+        """Screen the candidate adapter and apply safety.gate-action if the gate trips;
+        returns whether the run stops here. A rolled-back round still happened: the sites
+        trained, so its privacy spend stays in the ledger; only its update is not adopted."""
+        assert self.screener is not None
+        cfg = self.cfg.safety
+        safety = self.state["safety"]
+        result = self.screener.screen(self.arrays)
+        decision = gate(
+            safety["base"]["harmful_compliance"]["rate"],
+            result.harmful_compliance.rate,
+            cfg.gate_max_rise,
+        )
+        action = "passed"
+        if decision.tripped:
+            action = {"rollback": "rolled back", "stop": "rolled back, run stopped"}.get(
+                cfg.gate_action, "recorded only"
+            )
+        if decision.tripped and cfg.gate_action in ("rollback", "stop"):
+            self.arrays = previous
+            _restore_strategy_state(strategy, strategy_state)
+            kept = f"round {server_round - 1}" if server_round > 1 else "the initial adapter"
+            safety["rollbacks"].append(
+                {"round": server_round, "kept": kept, "rise_points": decision.rise_points}
+            )
+        safety["rounds"].append(
+            {
+                "round": server_round,
+                **result.to_dict(),
+                "gate": {**decision.to_dict(), "action": action},
+                "records": _records_name(server_round),
+            }
+        )
+        self._write_screen_records(server_round, result)
+        log(
+            WARNING if decision.tripped else INFO,
+            "fedllm: [round %d] safety: harmful compliance %s (base %.1f%%, %+.1f points, "
+            "limit +%g), benign over-refusal %s | gate %s",
+            server_round,
+            _pct(result.harmful_compliance.to_dict()),
+            100 * decision.base_rate,
+            decision.rise_points,
+            cfg.gate_max_rise,
+            _pct(result.benign_over_refusal.to_dict()),
+            action,
+        )
+        if decision.tripped and cfg.gate_action == "stop":
+            reason = (
+                f"round {server_round}: the safety gate tripped (harmful compliance "
+                f"{100 * decision.rate:.1f}% vs the base model's {100 * decision.base_rate:.1f}%, "
+                f"more than safety.gate-max-rise = {cfg.gate_max_rise:g} points above it); the "
+                "round's update was discarded and the run stops with the previous global adapter."
+            )
+            log(ERROR, "fedllm: %s", reason)
+            self.state.update(status="stopped", stop_reason=reason)
+            return True
+        return False
 
     def _send(self, messages: list[Message], kind: str, server_round: int) -> list[Message]:
         down = sum(record_bytes(m.content["arrays"]) for m in messages)
