@@ -3,10 +3,23 @@ run screens the global model, its harmful-compliance and over-refusal rates."""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run"]
+__all__ = ["plot_run", "png_base64"]
+
+
+def png_base64(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG (for self-contained HTML reports); closes it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def plot_run(summary: dict[str, Any], path: Path) -> Path:

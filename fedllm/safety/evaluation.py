@@ -8,9 +8,7 @@ those that only sound harmful) is reported beside recall, never folded away.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import time
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedllm.plots import png_base64
 from fedllm.safety.base import SafetyError, SafetyFilter
 from fedllm.safety.labelled import LabelledSet
 from fedllm.safety.metrics import (
@@ -369,16 +368,6 @@ def print_report(result: dict[str, Any], *, console: Any = None) -> None:
         )
 
 
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _plots(result: dict[str, Any]) -> dict[str, str]:
     """ROC and PR curves, overall (bold) and per category, as base64 PNGs."""
     import matplotlib
@@ -405,7 +394,7 @@ def _plots(result: dict[str, Any]) -> dict[str, str]:
     ax.set(title=f"ROC, overall AUROC {_fmt(m['auroc'])}", xlabel="FPR", ylabel="TPR (recall)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    roc = _png(fig)
+    roc = png_base64(fig)
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, curves, width in series:
@@ -425,7 +414,7 @@ def _plots(result: dict[str, Any]) -> dict[str, str]:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    return {"roc": roc, "pr": _png(fig)}
+    return {"roc": roc, "pr": png_base64(fig)}
 
 
 def _html(result: dict[str, Any], plots: dict[str, str]) -> str:

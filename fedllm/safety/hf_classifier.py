@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -138,6 +138,21 @@ def _load_tokenizer(ref: str, *, padding_side: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def _load_offline(
+    ref: str, auto_class: Any, kind: str, padding_side: str, device: str
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """`ref`'s model (as `auto_class`, placed on `device`, bf16 on CUDA) and tokenizer, from
+    local files only; a model that is not there offline is a `SafetyError` naming it."""
+    source = resolve_offline(ref)
+    dev = torch_device(device)
+    tokenizer = _load_tokenizer(source, padding_side=padding_side)
+    try:
+        model = auto_class.from_pretrained(source, dtype=_dtype(dev), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SafetyError(f"cannot load {ref!r} as {kind} offline ({e}).") from e
+    return model.to(dev), tokenizer
+
+
 def harmful_label_ids(id2label: Mapping[int, str], names: Sequence[str] = ()) -> list[int]:
     """Indices of the labels that mean harm (the rule is in the module docstring).
 
@@ -227,19 +242,13 @@ class HFClassifierFilter:
         """Load `ref` offline onto `device` (bf16 on CUDA) and pick its harmful labels."""
         from transformers import AutoModelForSequenceClassification
 
-        source = resolve_offline(ref)
-        dev = torch_device(device)
-        tokenizer = _load_tokenizer(source, padding_side="right")
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=_dtype(dev), local_files_only=True
-            )
-        except (OSError, ValueError) as e:
-            raise SafetyError(f"cannot load {ref!r} as a sequence classifier offline ({e}).") from e
+        model, tokenizer = _load_offline(
+            ref, AutoModelForSequenceClassification, "a sequence classifier", "right", device
+        )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         ids = harmful_label_ids(model.config.id2label, harmful_labels)
-        return cls(model.to(dev), tokenizer, harmful_ids=ids, name=f"hf:{ref}")
+        return cls(model, tokenizer, harmful_ids=ids, name=f"hf:{ref}")
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -423,16 +432,8 @@ class GuardFilter:
         """Load a guard causal LM offline onto `device` (bf16 on CUDA)."""
         from transformers import AutoModelForCausalLM
 
-        source = resolve_offline(ref)
-        dev = torch_device(device)
-        tokenizer = _load_tokenizer(source, padding_side="left")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=_dtype(dev), local_files_only=True
-            )
-        except (OSError, ValueError) as e:
-            raise SafetyError(f"cannot load {ref!r} as a causal LM offline ({e}).") from e
-        return cls(model.to(dev), tokenizer, name=f"guard:{ref}")
+        model, tokenizer = _load_offline(ref, AutoModelForCausalLM, "a causal LM", "left", device)
+        return cls(model, tokenizer, name=f"guard:{ref}")
 
     @property
     def categories(self) -> tuple[str, ...]:

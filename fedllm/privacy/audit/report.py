@@ -7,13 +7,12 @@ is printed at the top.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
+from fedllm.plots import png_base64
 from fedllm.privacy.accounting import MECHANISMS, epsilon_curve
 from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, Ledger
 from fedllm.privacy.verify import plausible, verify_records
@@ -33,16 +32,6 @@ def _histories(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
             key = f"site {r['site']}" if r["mechanism"] == DP_SGD else "user-level"
             out.setdefault(key, []).append(r)
     return dict(sorted(out.items(), key=lambda kv: (kv[0] == "user-level", kv[0])))
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
@@ -68,7 +57,7 @@ def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    over_rounds = _png(fig)
+    over_rounds = png_base64(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, recs in sites.items():
@@ -85,7 +74,7 @@ def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return {"epsilon_over_rounds": over_rounds, "epsilon_delta": _png(fig)}
+    return {"epsilon_over_rounds": over_rounds, "epsilon_delta": png_base64(fig)}
 
 
 def _tables(
