@@ -196,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # is taken as it is, and needs a key only if it is sealed.
     sealed = stored.name.endswith(SUFFIX)
     key = _at_rest(args, path) if sealed or not args.adapter else None
-    device = pick_device(args.device)
+    device = pick_device(args.device, setting="--device")
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model), cfg.model)
     model = load_peft_model(load_base_model(cfg.model, device), Path(ckpt), at_rest=key)
     model.eval()

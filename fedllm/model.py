@@ -138,10 +138,11 @@ def _cached_gguf_copy(folder: Path, gguf_file: str) -> Path:
     return target
 
 
-def pick_device(requested: str) -> torch.device:
-    """`auto` means CUDA when present; asking for CUDA without one is an error, not a fallback."""
+def pick_device(requested: str, *, setting: str = "config key 'train.device'") -> torch.device:
+    """`auto` means CUDA when present; asking for CUDA without one is an error, not a fallback.
+    `setting` names where the request came from, for that error."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device' = 'cuda' but no CUDA device is visible.")
+        raise ConfigError(f"{setting} = 'cuda' but no CUDA device is visible.")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")

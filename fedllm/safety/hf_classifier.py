@@ -107,15 +107,11 @@ def resolve_offline(ref: str) -> str:
 
 def torch_device(requested: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU; asking for CUDA without one is an error."""
-    import torch
+    from fedllm.model import pick_device
 
     if requested not in ("auto", "cpu", "cuda"):
         raise SafetyError(f"device {requested!r} is not one of auto, cpu, cuda.")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SafetyError("device 'cuda' was requested for a safety filter but none is visible.")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+    return pick_device(requested, setting="a safety filter's device")
 
 
 def _dtype(device: torch.device) -> torch.dtype:
