@@ -37,9 +37,9 @@ def _signatures(params: int, repeats: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.app import MetricRecord, RecordDict
 
-    from fedllm.records import arrays_to_record
     from fedllm.secure.pki import RegisteredSite
-    from fedllm.secure.sign import Claim, sign_reply, verify_reply
+    from fedllm.secure.sign import Claim
+    from fedllm.wire import arrays_to_record, sign_reply, verify_reply
 
     key = ed25519.Ed25519PrivateKey.generate()
     site = RegisteredSite("site-0", 0, key.public_key(), "bench")

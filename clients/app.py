@@ -31,20 +31,12 @@ from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.distributed import noisy_clipped_contribution
 from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.userdp import secure_rng
-from fedllm.records import (
-    arrays_to_record,
-    ciphertexts_to_record,
-    is_encrypted,
-    record_to_arrays,
-    record_to_ciphertexts,
-    route_fedllm_logs,
-)
 from fedllm.secure.at_rest import configured_key
 from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.packing import share_weight
 from fedllm.secure.pki import load_signing_key
-from fedllm.secure.sign import Claim, sign_reply
+from fedllm.secure.sign import Claim
 from fedllm.site import (
     PrivacyState,
     SiteData,
@@ -52,6 +44,15 @@ from fedllm.site import (
     run_train,
     site_data_for,
     spend_record,
+)
+from fedllm.wire import (
+    arrays_to_record,
+    ciphertexts_to_record,
+    is_encrypted,
+    record_to_arrays,
+    record_to_ciphertexts,
+    route_fedllm_logs,
+    sign_reply,
 )
 
 log = logging.getLogger("fedllm.client")

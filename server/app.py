@@ -43,15 +43,21 @@ from fedllm.privacy.budget import check_budget
 from fedllm.privacy.distributed import effective_noise_multiplier
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger, dp_sgd_entry, user_dp_entry
 from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
-from fedllm.records import arrays_to_record, record_bytes, record_to_arrays, route_fedllm_logs
 from fedllm.rundir import LEDGER_FILE, RunDir, write_json_atomic
 from fedllm.safety.screen import Screener, ScreenResult, gate
 from fedllm.secure.at_rest import AtRestKey, configured_key
 from fedllm.secure.packing import share_weight
 from fedllm.secure.pki import load_registry
-from fedllm.secure.sign import Claim, verify_reply
+from fedllm.secure.sign import Claim
 from fedllm.summary import build_summary, render_table
 from fedllm.validate import check_update
+from fedllm.wire import (
+    arrays_to_record,
+    record_bytes,
+    record_to_arrays,
+    route_fedllm_logs,
+    verify_reply,
+)
 from server.secure_aggregation import HEAggregator
 from server.strategies import build_strategy
 

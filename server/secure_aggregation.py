@@ -17,7 +17,6 @@ from flwr.app import ArrayRecord, Message
 
 from fedllm.config import FedllmConfig
 from fedllm.errors import InvalidUpdateError
-from fedllm.records import arrays_to_record, ciphertexts_to_record, record_to_ciphertexts
 from fedllm.secure.at_rest import AtRestKey
 from fedllm.secure.he import EncryptedSum, key_id, load_public_context
 from fedllm.secure.he_checkpoint import (
@@ -26,6 +25,7 @@ from fedllm.secure.he_checkpoint import (
     save_encrypted_adapter,
 )
 from fedllm.secure.packing import Packing
+from fedllm.wire import arrays_to_record, ciphertexts_to_record, record_to_ciphertexts
 
 __all__ = ["HEAggregator"]
 

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedllm.config import STRATEGIES, parse_config
 from fedllm.errors import InvalidUpdateError
-from fedllm.records import arrays_to_record, record_to_arrays
+from fedllm.wire import arrays_to_record, record_to_arrays
 from fedllm.validate import check_update
 from server.strategies import build_strategy
 

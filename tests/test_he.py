@@ -190,7 +190,7 @@ def test_decrypted_aggregate_equals_plaintext_fedavg_of_ffa_lora_updates(
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from fedllm.records import arrays_to_record, record_to_arrays
+    from fedllm.wire import arrays_to_record, record_to_arrays
 
     updates, weights = _updates(3), [1042.0, 648.0, 97.0]
     total = _sum(public, secret)

@@ -9,9 +9,9 @@ from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedllm.errors import InvalidUpdateError
-from fedllm.records import arrays_to_record
 from fedllm.secure.pki import RegisteredSite
-from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest, sign_reply, verify_reply
+from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest
+from fedllm.wire import arrays_to_record, sign_reply, verify_reply
 
 CLAIM = Claim(run_id=2**63 + 5, server_round=2, node_id=2**64 - 3, phase="train")
 

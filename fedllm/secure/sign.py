@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.secure.pki import RegisteredSite
@@ -36,10 +34,9 @@ from fedllm.secure.pki import RegisteredSite
 __all__ = [
     "SIGNATURE_RECORD",
     "Claim",
+    "check_signature",
     "content_digest",
-    "sign_reply",
     "statement",
-    "verify_reply",
 ]
 
 SIGNATURE_RECORD = "signature"
@@ -74,9 +71,10 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(enc(value), sort_keys=True, separators=(",", ":")).encode()
 
 
-def content_digest(content: RecordDict) -> str:
+def content_digest(content: Any) -> str:
     """SHA-256 over every record of a reply except its signature: tensors (names, dtype,
-    shape, bytes), metrics and configs, in a canonical order."""
+    shape, bytes), metrics and configs, in a canonical order. `content` is a Flower
+    `RecordDict`, read only through its attributes, so this module needs no Flower import."""
     h = hashlib.sha256()
     for name in sorted(content.array_records):
         _frame(h, b"arrays", name.encode())
@@ -116,52 +114,32 @@ def statement(claim: Claim, digest: str) -> bytes:
     )
 
 
-def sign_reply(content: RecordDict, key: ed25519.Ed25519PrivateKey, claim: Claim) -> RecordDict:
-    """Attach a `signature` record to a reply (done last: nothing may change after)."""
-    digest = content_digest(content)
-    content[SIGNATURE_RECORD] = ConfigRecord(
-        {
-            "run-id": str(claim.run_id),  # uint64 node/run ids overflow a signed int field
-            "round": claim.server_round,
-            "node-id": str(claim.node_id),
-            "phase": claim.phase,
-            "sha256": digest,
-            "ed25519": key.sign(statement(claim, digest)),
-        }
-    )
-    return content
-
-
-def verify_reply(content: RecordDict, site: RegisteredSite, expected: Claim, *, sender: str) -> str:
-    """Check a reply's signature against `site`'s registered key and `expected` (this run,
-    this round, the node it came from). Returns the verified digest.
+def check_signature(
+    fields: Any, actual_digest: str, site: RegisteredSite, expected: Claim, *, sender: str
+) -> str:
+    """Check the fields of a reply's signature record (a mapping: run-id, round, node-id,
+    phase, sha256, ed25519) against the digest of what arrived, `site`'s registered key and
+    `expected` (this run, this round, the node it came from). Returns the verified digest.
 
     Raises
     ------
     InvalidUpdateError
-        Naming `sender` and why: unsigned, tampered, wrong key, or replayed.
+        Naming `sender` and why: tampered, wrong key, replayed, or malformed.
     """
-    if SIGNATURE_RECORD not in content.config_records:
-        raise InvalidUpdateError(
-            f"{sender}: unsigned update; security.sign-updates requires every site to sign "
-            "with its key from `fedllm pki init`."
-        )
-    sig = content.config_records[SIGNATURE_RECORD]
     try:
         claimed = Claim(
-            run_id=int(str(sig["run-id"])),
-            server_round=int(sig["round"]),
-            node_id=int(str(sig["node-id"])),
-            phase=str(sig["phase"]),
+            run_id=int(str(fields["run-id"])),
+            server_round=int(fields["round"]),
+            node_id=int(str(fields["node-id"])),
+            phase=str(fields["phase"]),
         )
-        signed_digest, signature = str(sig["sha256"]), bytes(sig["ed25519"])
+        signed_digest, signature = str(fields["sha256"]), bytes(fields["ed25519"])
     except (KeyError, ValueError, TypeError) as e:
         raise InvalidUpdateError(f"{sender}: malformed signature record ({e}).") from e
-    actual = content_digest(content)
-    if actual != signed_digest:
+    if actual_digest != signed_digest:
         raise InvalidUpdateError(
-            f"{sender}: payload does not match its signature (SHA-256 {actual[:16]}… arrived, "
-            f"{signed_digest[:16]}… was signed): tampered with after signing."
+            f"{sender}: payload does not match its signature (SHA-256 {actual_digest[:16]}… "
+            f"arrived, {signed_digest[:16]}… was signed): tampered with after signing."
         )
     try:
         site.public_key.verify(signature, statement(claimed, signed_digest))
@@ -185,4 +163,4 @@ def verify_reply(content: RecordDict, site: RegisteredSite, expected: Claim, *, 
             f"{sender}: update signed for node {claimed.node_id} but sent by node "
             f"{expected.node_id} (replayed through another node)."
         )
-    return actual
+    return actual_digest

@@ -113,7 +113,7 @@ def test_only_adapter_tensors_travel(dp_run: dict[str, Any], tiny_model_dir: Pat
     # Prepare
     from fedllm.config import LoraConfig, ModelConfig
     from fedllm.model import adapter_spec, init_adapter
-    from fedllm.records import arrays_to_record, record_bytes
+    from fedllm.wire import arrays_to_record, record_bytes
 
     summary = dp_run["summary"]
     spec = adapter_spec(ModelConfig(name=str(tiny_model_dir)), LoraConfig(ffa=True))
