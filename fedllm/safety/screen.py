@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedllm.errors import DataError, ModelError
+from fedllm.model import load_site_model, set_adapter_arrays, tokenizer_for
 from fedllm.safety.base import SafetyError, SafetyFilter
+from fedllm.safety.filters import create_filter
+from fedllm.safety.labelled import BUNDLED_PREFIX, load_labelled
 from fedllm.safety.refusal import refusal_phrases
 
 if TYPE_CHECKING:
@@ -58,7 +61,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUNDLED_PREFIX = "bundled:"
 CONFIDENCE = 0.95
 
 
@@ -110,14 +112,7 @@ def load_probes(spec: str, *, max_probes: int = 0, seed: int = 0) -> Probes:
     SafetyError
         The set cannot be read (see `read_labelled`), or lacks harmful or benign prompts.
     """
-    from fedllm.safety.labelled import read_labelled
-
-    if spec.startswith(BUNDLED_PREFIX):
-        from fedllm.safety.bundled import bundled_set_path
-
-        data = read_labelled(bundled_set_path(spec[len(BUNDLED_PREFIX) :]), source=spec)
-    else:
-        data = read_labelled(spec)
+    data = load_labelled(spec)
     harmful = data.labels == 1
     if harmful.all() or not harmful.any():
         raise SafetyError(
@@ -336,8 +331,6 @@ class Screener:
     first screening and kept for the run."""
 
     def __init__(self, cfg: FedllmConfig) -> None:
-        from fedllm.safety.filters import create_filter
-
         self.cfg = cfg
         s = cfg.safety
         self.probes = load_probes(s.probes, max_probes=s.max_probes, seed=cfg.run.seed)
@@ -346,16 +339,12 @@ class Screener:
 
     def _model(self) -> tuple[Any, Any, Any]:
         if self._loaded is None:
-            from fedllm.site import load_site_model, tokenizer_for
-
             model, device = load_site_model(self.cfg)
             self._loaded = (model, tokenizer_for(self.cfg), device)
         return self._loaded
 
     def screen(self, arrays: dict[str, np.ndarray]) -> ScreenResult:
         """Answers of base model + the adapter whose trainable tensors are `arrays`, scored."""
-        from fedllm.model import set_adapter_arrays
-
         t0 = time.perf_counter()
         model, tokenizer, device = self._model()
         set_adapter_arrays(model, arrays)
@@ -406,8 +395,6 @@ def flag_examples(
 @functools.lru_cache(maxsize=2)
 def _site_filter(spec: str, device: str) -> SafetyFilter:
     # One simulation process serves many sites and rounds: load a filter model once.
-    from fedllm.safety.filters import create_filter
-
     return create_filter(spec, device=device)
 
 
