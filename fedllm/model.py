@@ -24,16 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
 from fedllm.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 from fedllm.errors import ConfigError, InvalidUpdateError, ModelError
+from fedllm.secure.at_rest import AtRestKey, checkpoint_label, read_file, write_file
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from fedllm.config import FedllmConfig
-    from fedllm.secure.at_rest import AtRestKey
 
 __all__ = [
     "ADAPTER_FILE",
@@ -113,6 +116,7 @@ def _cached_gguf_copy(folder: Path, gguf_file: str) -> Path:
     target = _cache_root() / f"{source.stem}-{key.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
+    # heavy: transformers takes ~3 s to import, and only loading a model needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s to safetensors once (about 30 s) into %s", source.name, target)
@@ -160,6 +164,7 @@ def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(model_dir: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    # heavy: transformers takes ~3 s to import, and only loading a model needs it
     from transformers import AutoTokenizer
 
     try:
@@ -176,6 +181,7 @@ def load_tokenizer(model_dir: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """Load the frozen base model on `device` (4/8-bit QLoRA on CUDA when configured)."""
+    # heavy: transformers takes ~3 s to import, and only loading a model needs it
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(cfg)
@@ -198,6 +204,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
             "fix 'model.name' or download it to a local directory first."
         ) from e
     if cfg.quantization != "none":
+        # heavy: peft takes ~7 s to import, and only attaching an adapter needs it
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -210,6 +217,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
 
 def _bnb_config(kind: str) -> Any:
     try:
+        # optional: only QLoRA (model.quantization) needs bitsandbytes
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
@@ -227,6 +235,7 @@ def _bnb_config(kind: str) -> Any:
 
 
 def _peft_lora_config(cfg: LoraConfig) -> Any:
+    # heavy: peft takes ~7 s to import, and only attaching an adapter needs it
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -270,6 +279,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int) -> PeftMo
     With ``cfg.ffa`` (FFA-LoRA, Sun et al. 2024, arXiv 2403.12313) A is frozen, so only B is
     trained and sent: the server's average of B is then exactly the average of B·A.
     """
+    # heavy: peft takes ~7 s to import, and only attaching an adapter needs it
     from peft import get_peft_model
 
     _check_targets(model, cfg)
@@ -309,6 +319,7 @@ def _spec_from_model(peft_model: torch.nn.Module, cfg: LoraConfig) -> AdapterSpe
 
 def adapter_spec(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> AdapterSpec:
     """Adapter names and shapes from the model's config alone (meta device, no weights)."""
+    # heavy: peft and transformers take ~10 s to import; only building an adapter needs them
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -402,10 +413,6 @@ def save_peft_adapter(
     With `at_rest` the tensors are sealed (`adapter_model.safetensors.aes`, bound to the
     directory's name); `adapter_config.json` stays plaintext (rank, targets, base model).
     """
-    from safetensors.numpy import save
-
-    from fedllm.secure.at_rest import checkpoint_label, write_file
-
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -416,7 +423,7 @@ def save_peft_adapter(
     # Our public names are already peft's saved names (`base_model.model....lora_A.weight`).
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
     label = checkpoint_label(directory, ADAPTER_FILE)
-    write_file(tmp / ADAPTER_FILE, save(tensors), at_rest, label=label)
+    write_file(tmp / ADAPTER_FILE, save_tensors(tensors), at_rest, label=label)
     (tmp / "fedllm.json").write_text(json.dumps({"model": model_cfg.name}, indent=2))
     if directory.exists():
         shutil.rmtree(directory)
@@ -428,11 +435,6 @@ def load_adapter_arrays(
 ) -> dict[str, np.ndarray]:
     """The tensors of an adapter written by `save_peft_adapter`, opened under `at_rest` if
     sealed (a plaintext one is refused while a key is set: see `fedllm.secure.at_rest`)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    from fedllm.secure.at_rest import checkpoint_label, read_file
-
     directory = Path(directory)
     try:
         data = read_file(
@@ -441,7 +443,7 @@ def load_adapter_arrays(
     except FileNotFoundError as e:
         raise ModelError(f"{directory} holds no adapter ({e}).") from e
     try:
-        return load(data)
+        return load_tensors(data)
     except (SafetensorError, ValueError) as e:
         raise ModelError(f"{directory / ADAPTER_FILE} is not a readable adapter ({e}).") from e
 
@@ -454,6 +456,7 @@ def load_peft_model(
     Like `PeftModel.from_pretrained`, but the tensors go through `load_adapter_arrays`, so a
     sealed adapter is decrypted in memory and never written out in plaintext.
     """
+    # heavy: peft takes ~7 s to import, and only attaching an adapter needs it
     from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 
     arrays = load_adapter_arrays(directory, at_rest=at_rest)

@@ -13,6 +13,7 @@ __all__ = ["plot_run", "png_base64"]
 
 def png_base64(fig: Any) -> str:
     """A matplotlib figure as a base64 PNG (for self-contained HTML reports); closes it."""
+    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -24,6 +25,7 @@ def png_base64(fig: Any) -> str:
 
 def plot_run(summary: dict[str, Any], path: Path) -> Path:
     """Write a two-panel PNG (loss per round, ε per round) for `summary` to `path`."""
+    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
     import matplotlib
 
     matplotlib.use("Agg")  # files only: sites and servers have no display

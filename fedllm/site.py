@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 
 from fedllm.config import FedllmConfig
@@ -30,6 +31,8 @@ from fedllm.privacy.accounting import (
     epsilon_report,
     total_steps,
 )
+from fedllm.privacy.audit.canaries import audit_rows
+from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.dpsgd import DPSettings
 from fedllm.privacy.ledger import DP_SGD, dp_sgd_entry
@@ -120,8 +123,6 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
 
 
 def _gradient_canaries(cfg: FedllmConfig, shapes: dict[str, tuple[int, ...]]) -> Any:
-    from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
-
     return CanaryDirections(
         cfg.audit.gradient_canaries, cfg.audit.canary_seed, shapes, tag=GRADIENTS
     )
@@ -130,8 +131,6 @@ def _gradient_canaries(cfg: FedllmConfig, shapes: dict[str, tuple[int, ...]]) ->
 def _canary_step(cfg: FedllmConfig, model: Any, sample_rate: float) -> Any:
     """The auditing site's per-step gradient canaries: each inserted one Poisson-sampled at
     the records' rate, contributing C·u_k (C = privacy.max-grad-norm)."""
-    from fedllm.model import get_adapter_arrays
-
     shapes = {n: tuple(a.shape) for n, a in get_adapter_arrays(model).items()}
     directions = _gradient_canaries(cfg, shapes)
     clip = cfg.privacy.max_grad_norm
@@ -145,10 +144,6 @@ def _canary_step(cfg: FedllmConfig, model: Any, sample_rate: float) -> Any:
 
 def _with_audit_rows(train_ds: Any, cfg: FedllmConfig, tokenizer: object) -> Any:
     """The training split plus this auditing run's canaries and secrets (never held out)."""
-    import datasets
-
-    from fedllm.privacy.audit.canaries import audit_rows
-
     rows = audit_rows(cfg.audit, tokenizer)
     log.info(
         "site %d: auditing run, %d canary and secret rows added to %d training examples",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fedllm.config import TrainConfig
 from fedllm.data import collate_batch
+from fedllm.model import trainable_names
 from fedllm.privacy.dpsgd import DPSettings, attach_dp, detach_dp, empty_step
 
 __all__ = [
@@ -218,8 +219,6 @@ def _accumulate(
 
 
 def _add_to_grads(model: torch.nn.Module, extra: dict[str, np.ndarray], *, scale: float) -> None:
-    from fedllm.model import trainable_names
-
     names = trainable_names(model)
     with torch.no_grad():
         for p in model.parameters():
@@ -239,8 +238,6 @@ def _insert_canaries_before_noise(
     gradients: exactly where a real record of norm C would land. Wrapping that one method on
     this instance is the least intrusive place Opacus offers.
     """
-    from fedllm.model import trainable_names
-
     names = trainable_names(model)
     original = optimizer.add_noise
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from fedllm.errors import ConfigError
 
 __all__ = [
@@ -35,6 +37,7 @@ PLD_PRV_TOLERANCE = 0.01
 
 def make_accountant(mechanism: str, history: Iterable[Sequence[float]] = ()) -> object:
     """An Opacus accountant (`rdp`, `prv`) preloaded with `history`."""
+    # heavy: opacus takes ~10 s to import; only computing ε needs it
     from opacus.accountants import create_accountant
 
     try:
@@ -57,14 +60,13 @@ def epsilon(history: History, *, delta: float, mechanism: str = "rdp") -> float:
         return float("inf")
     if mechanism == "pld":
         return _epsilon_pld(history, delta=delta)
-    import numpy as np
-
     # Opacus' PRV takes log(1 - q), which is -inf (and warns) at q = 1; the result is right.
     with np.errstate(divide="ignore"):
         return float(make_accountant(mechanism, history).get_epsilon(delta=delta))
 
 
 def _pld_accountant(history: History) -> object:
+    # heavy: dp-accounting takes ~4 s to import; only computing ε needs it
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
@@ -112,6 +114,7 @@ def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "rdp"
 ) -> float:
     """The smallest σ whose `steps` Poisson-subsampled steps spend at most `target_epsilon`."""
+    # heavy: opacus takes ~10 s to import; only calibrating σ needs it
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

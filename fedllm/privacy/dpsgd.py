@@ -42,6 +42,7 @@ def attach_dp(
         DP was requested, so training without it is never an option.
     """
     try:
+        # heavy: opacus takes ~10 s to import; only DP-SGD training needs it
         from opacus.grad_sample.utils import wrap_model
         from opacus.optimizers import DPOptimizer
     except ImportError as e:

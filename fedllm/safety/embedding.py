@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from fedllm.safety.base import FilterScores, SafetyError
 from fedllm.safety.hf_classifier import torch_device
@@ -158,6 +160,7 @@ def fit_heads(
     Heads
         Coefficients, with ``info`` holding the chosen C and its cross-validated AUROC.
     """
+    # heavy: scikit-learn takes ~3 s to import; only training a head needs it
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
@@ -247,6 +250,7 @@ class EmbeddingFilter:
                     f"model than {self.embedder_dir} (SHA-256 {actual[:12]}..., expected "
                     f"{self.embedder_sha256[:12]}...); retrain it with `fedllm safety train`."
                 )
+            # heavy: sentence-transformers imports torch and transformers (~8 s)
             from sentence_transformers import SentenceTransformer
 
             self._model = SentenceTransformer(
@@ -276,8 +280,6 @@ class EmbeddingFilter:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``head.safetensors`` and ``head.json`` to `out_dir`; returns it."""
-        from safetensors.numpy import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -315,9 +317,6 @@ class EmbeddingFilter:
         cls, head_dir: str | Path | None = None, *, device: str = "auto", name: str = "embedding"
     ) -> EmbeddingFilter:
         """Read a head saved by `save` (default: the bundled head, `BUNDLED_HEAD`)."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         head_dir = Path(head_dir) if head_dir is not None else BUNDLED_HEAD
         meta_path, tensor_path = head_dir / HEAD_JSON, head_dir / HEAD_TENSORS
         if not meta_path.is_file() or not tensor_path.is_file():

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from fedllm.plots import png_base64
 from fedllm.safety.base import SafetyError, SafetyFilter
@@ -66,9 +69,6 @@ def score_texts(
     SafetyError
         If the filter returns a different number of scores than texts.
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
     console = Console(stderr=True)
     out: list[np.ndarray] = []
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -327,9 +327,6 @@ def _target_line(result: dict[str, Any]) -> str:
 
 def print_report(result: dict[str, Any], *, console: Any = None) -> None:
     """Print the overall and per-category metrics as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     ci = f"{CONFIDENCE:.0%} CI"
     console.print(
@@ -370,6 +367,7 @@ def print_report(result: dict[str, Any], *, console: Any = None) -> None:
 
 def _plots(result: dict[str, Any]) -> dict[str, str]:
     """ROC and PR curves, overall (bold) and per category, as base64 PNGs."""
+    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
     import matplotlib
 
     matplotlib.use("Agg")  # files only

@@ -12,8 +12,8 @@ Built-in names (the argument after the first colon):
 - ``judge:MODEL``: a local chat model asked whether the text is harmful
   (``judge:embedded:smollm2-135m-instruct``, a local directory, or a cached hub id).
 
-Models load strictly offline. Factories import their module lazily, so listing or creating the
-lexicon never imports torch.
+Models load strictly offline. The filter modules import torch and their model libraries only
+when a model-backed filter is built, so listing or creating the lexicon never imports torch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedllm.safety.base import SafetyError, SafetyFilter
+from fedllm.safety.embedding import EmbeddingFilter
+from fedllm.safety.hf_classifier import GuardFilter, HFClassifierFilter
+from fedllm.safety.judge import JudgeFilter
+from fedllm.safety.lexicon import LexiconFilter
 
 __all__ = ["FilterFactory", "create_filter", "known_filters", "register_filter"]
 
@@ -86,34 +90,24 @@ def _required(name: str, arg: str | None, what: str) -> str:
 
 
 def _lexicon(arg: str | None, device: str) -> SafetyFilter:
-    from fedllm.safety.lexicon import LexiconFilter
-
     return LexiconFilter.load(arg, name=f"lexicon:{arg}" if arg else "lexicon")
 
 
 def _embedding(arg: str | None, device: str) -> SafetyFilter:
-    from fedllm.safety.embedding import EmbeddingFilter
-
     return EmbeddingFilter.load(arg, device=device, name=f"embedding:{arg}" if arg else "embedding")
 
 
 def _hf(arg: str | None, device: str) -> SafetyFilter:
-    from fedllm.safety.hf_classifier import HFClassifierFilter
-
     ref, _, labels = _required("hf", arg, "model").partition("#")
     names = [n for n in labels.split(",") if n.strip()]
     return HFClassifierFilter.from_pretrained(ref, device=device, harmful_labels=names)
 
 
 def _guard(arg: str | None, device: str) -> SafetyFilter:
-    from fedllm.safety.hf_classifier import GuardFilter
-
     return GuardFilter.from_pretrained(_required("guard", arg, "model"), device=device)
 
 
 def _judge(arg: str | None, device: str) -> SafetyFilter:
-    from fedllm.safety.judge import JudgeFilter
-
     return JudgeFilter.from_model_name(_required("judge", arg, "model"), device=device)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from huggingface_hub import snapshot_download
 
 from fedllm.safety.base import FilterScores, SafetyError
 
@@ -91,8 +92,6 @@ def resolve_offline(ref: str) -> str:
             )
         return str(path)
     if not ref.startswith(("/", "./", "../", "~")):
-        from huggingface_hub import snapshot_download
-
         try:
             snapshot = Path(snapshot_download(ref, local_files_only=True))
         except (OSError, ValueError):  # not cached, or not a valid repo id either
@@ -107,6 +106,7 @@ def resolve_offline(ref: str) -> str:
 
 def torch_device(requested: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU; asking for CUDA without one is an error."""
+    # heavy: fedllm.model imports torch (~5 s); only placing a model needs it
     from fedllm.model import pick_device
 
     if requested not in ("auto", "cpu", "cuda"):
@@ -115,6 +115,7 @@ def torch_device(requested: str = "auto") -> torch.device:
 
 
 def _dtype(device: torch.device) -> torch.dtype:
+    # heavy: torch takes ~5 s to import; only placing a model needs it
     import torch
 
     # bf16 halves memory and is fast on CUDA; on CPU it is slow and less exact.
@@ -122,6 +123,7 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 def _load_tokenizer(ref: str, *, padding_side: str) -> PreTrainedTokenizerBase:
+    # heavy: transformers takes ~3 s to import; only loading a model needs it
     from transformers import AutoTokenizer
 
     try:
@@ -236,6 +238,7 @@ class HFClassifierFilter:
         cls, ref: str, *, device: str = "auto", harmful_labels: Sequence[str] = ()
     ) -> HFClassifierFilter:
         """Load `ref` offline onto `device` (bf16 on CUDA) and pick its harmful labels."""
+        # heavy: transformers takes ~3 s to import; only loading a model needs it
         from transformers import AutoModelForSequenceClassification
 
         model, tokenizer = _load_offline(
@@ -253,6 +256,7 @@ class HFClassifierFilter:
 
     def score(self, texts: Sequence[str], *, batch_size: int = 32) -> FilterScores:
         """Harm from the classifier's probabilities, `batch_size` texts per forward pass."""
+        # heavy: torch takes ~5 s to import; only scoring needs it
         import torch
 
         probs = np.zeros((len(texts), len(self.harmful_ids)))
@@ -291,6 +295,7 @@ def next_token_logits(
     Prompts are left-padded and given position ids that skip the padding, so a prompt's logits
     do not depend on what else is in its batch.
     """
+    # heavy: torch takes ~5 s to import; only scoring needs it
     import torch
 
     device = next(model.parameters()).device
@@ -323,7 +328,7 @@ def first_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) ->
 def log_odds_score(logits: np.ndarray, yes_ids: Sequence[int], no_ids: Sequence[int]) -> np.ndarray:
     """P(yes) / (P(yes) + P(no)) from next-token logits, computed as a sigmoid of the
     log-sum-exp difference so that tiny probabilities do not underflow to 0/0."""
-    from scipy.special import expit, logsumexp
+    from scipy.special import expit, logsumexp  # heavy: scipy.special takes ~0.3 s to import
 
     x = np.asarray(logits, dtype=np.float64)
     return expit(logsumexp(x[:, list(yes_ids)], axis=1) - logsumexp(x[:, list(no_ids)], axis=1))
@@ -426,6 +431,7 @@ class GuardFilter:
     @classmethod
     def from_pretrained(cls, ref: str, *, device: str = "auto") -> GuardFilter:
         """Load a guard causal LM offline onto `device` (bf16 on CUDA)."""
+        # heavy: transformers takes ~3 s to import; only loading a model needs it
         from transformers import AutoModelForCausalLM
 
         model, tokenizer = _load_offline(ref, AutoModelForCausalLM, "a causal LM", "left", device)
@@ -449,6 +455,7 @@ class GuardFilter:
         )
 
     def _category_lines(self, prompts: Sequence[str], batch_size: int) -> list[str]:
+        # heavy: torch takes ~5 s to import; only scoring needs it
         import torch
 
         device = next(self.model.parameters()).device

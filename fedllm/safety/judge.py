@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedllm.config import EMBEDDED_MODEL, ModelConfig
+from fedllm.errors import ModelError
 from fedllm.safety.base import FilterScores, SafetyError
 from fedllm.safety.hf_classifier import (
     first_token_ids,
@@ -74,8 +76,7 @@ class JudgeFilter:
     def from_model_name(cls, model: str, *, device: str = "auto") -> JudgeFilter:
         """Load a chat model as fedllm names models (``embedded:smollm2-135m-instruct``, a local
         directory, or a hub id already in the local Hugging Face cache), offline."""
-        from fedllm.config import EMBEDDED_MODEL, ModelConfig
-        from fedllm.errors import ModelError
+        # heavy: fedllm.model imports torch (~5 s); only loading the judge needs it
         from fedllm.model import load_base_model, load_tokenizer, resolve_model_dir
 
         source = model if model == EMBEDDED_MODEL else resolve_offline(model)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from fedllm.errors import DataError, ModelError
 from fedllm.model import load_site_model, set_adapter_arrays, tokenizer_for
@@ -38,8 +39,6 @@ from fedllm.safety.labelled import BUNDLED_PREFIX, load_labelled
 from fedllm.safety.refusal import refusal_phrases
 
 if TYPE_CHECKING:
-    import torch
-
     from fedllm.config import FedllmConfig, SafetyConfig
 
 __all__ = [
@@ -155,7 +154,7 @@ class Rate:
 def wilson_rate(count: int, total: int, *, confidence: float = CONFIDENCE) -> Rate:
     """`count / total` with its Wilson score interval (scipy's `binomtest`), which unlike the
     normal approximation stays inside [0, 1] and is honest at 0 or all of a few dozen probes."""
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # heavy: scipy.stats takes ~1.5 s to import
 
     if total < 1 or not 0 <= count <= total:
         raise ValueError(f"a rate needs 0 <= count <= total and total >= 1, got {count}/{total}.")
@@ -287,8 +286,6 @@ def generate_answers(
     Batches are padded on the left, so every prompt's last token sits next to its first new
     token; only the new tokens are decoded.
     """
-    import torch
-
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"model '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template; screening "

@@ -48,6 +48,7 @@ KEY_FILE = "key.json"
 
 def _tenseal() -> Any:
     try:
+        # optional: only HE runs need TenSEAL, whose wheels exist for Python 3.11-3.13 only
         import tenseal as ts
     except ImportError as e:  # pragma: no cover - tenseal is a hard dependency
         raise ProtectionUnavailableError(

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
 from fedllm.errors import RunDirError
 from fedllm.secure.at_rest import checkpoint_label, read_file, write_file
@@ -49,8 +52,6 @@ def save_encrypted_adapter(
 ) -> None:
     """Write atomically (temporary directory, then rename), like the plaintext checkpoints;
     sealed under `at_rest` if given."""
-    from safetensors.numpy import save
-
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,7 +70,9 @@ def save_encrypted_adapter(
         "model": model,
     }
     label = checkpoint_label(directory, ENCRYPTED_ADAPTER)
-    write_file(tmp / ENCRYPTED_ADAPTER, save(tensors, metadata=metadata), at_rest, label=label)
+    write_file(
+        tmp / ENCRYPTED_ADAPTER, save_tensors(tensors, metadata=metadata), at_rest, label=label
+    )
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
@@ -86,9 +89,6 @@ def load_encrypted_adapter(
     directory: Path, *, at_rest: AtRestKey | None = None
 ) -> EncryptedAdapter:
     """The encrypted adapter in `directory` (opened under `at_rest` if sealed at rest)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     path = Path(directory) / ENCRYPTED_ADAPTER
     label = checkpoint_label(Path(directory), ENCRYPTED_ADAPTER)
     try:
@@ -96,7 +96,7 @@ def load_encrypted_adapter(
     except FileNotFoundError as e:
         raise RunDirError(f"{path} is missing: this checkpoint holds no encrypted adapter.") from e
     try:
-        tensors = load(data)
+        tensors = load_tensors(data)
         blobs = [tensors[n].tobytes() for n in sorted(tensors)]
         meta = _metadata(data)
         if meta.get("format") != FORMAT:

@@ -19,9 +19,10 @@ import numpy as np
 
 from fedllm.config import FedllmConfig
 from fedllm.errors import KeyFileError, ProtectionUnavailableError
-from fedllm.model import adapter_spec
+from fedllm.model import adapter_spec, init_adapter
 from fedllm.secure.at_rest import AtRestKey
 from fedllm.secure.he import decrypt_chunks, encrypt_chunks, key_id, load_secret_context
+from fedllm.secure.he_checkpoint import load_encrypted_adapter
 from fedllm.secure.he_params import HEParams
 from fedllm.secure.packing import Packing
 
@@ -94,9 +95,6 @@ def decrypt_adapter(
     """A site's plaintext copy of an encrypted checkpoint: every LoRA tensor (A from the
     shared seed, B decrypted), and facts about what was decrypted. `at_rest` opens a
     checkpoint that is also sealed at rest."""
-    from fedllm.model import init_adapter
-    from fedllm.secure.he_checkpoint import load_encrypted_adapter
-
     adapter = load_encrypted_adapter(checkpoint, at_rest=at_rest)
     he = SiteHE.load(cfg, context_path, site=-1)
     if adapter.packing != he.packing:

@@ -13,10 +13,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 
 from fedllm.config import FedllmConfig
+from fedllm.data import tokenize_examples
 from fedllm.errors import FedllmError, RunDirError
+from fedllm.model import (
+    ADAPTER_FILE,
+    adapter_spec,
+    get_adapter_arrays,
+    init_adapter,
+    load_adapter_arrays,
+    load_site_model,
+    set_adapter_arrays,
+    tokenizer_for,
+)
 from fedllm.privacy.accounting import default_delta, epsilon_report
 from fedllm.privacy.audit.canaries import (
     Secret,
@@ -25,10 +37,12 @@ from fedllm.privacy.audit.canaries import (
     make_secrets,
     secret_alternatives,
 )
+from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
 from fedllm.privacy.audit.lower_bound import one_run_audit
 from fedllm.privacy.ledger import DP_SGD, USER_GAUSSIAN, Ledger
 from fedllm.rundir import write_json_atomic
-from fedllm.secure.at_rest import AtRestKey
+from fedllm.secure.at_rest import AtRestKey, stored_file
+from fedllm.train import example_losses
 
 __all__ = ["AUDIT_FILE", "AuditBugError", "audit_run", "proven_epsilon"]
 
@@ -65,10 +79,6 @@ def proven_epsilon(records: list[dict[str, Any]], site: int) -> tuple[float, flo
 
 
 def _features(cfg: FedllmConfig, tokenizer: Any, prompts: list[str], responses: list[str]):  # noqa: ANN202
-    import datasets
-
-    from fedllm.data import tokenize_examples
-
     ds = datasets.Dataset.from_dict({"prompt": prompts, "response": responses})
     feats = tokenize_examples(ds, tokenizer, max_length=cfg.data.max_length)
     if len(feats) != len(prompts):
@@ -100,9 +110,6 @@ def _secret_report(
 def _final_adapter(
     path: Path, summary: dict[str, Any], at_rest: AtRestKey | None
 ) -> dict[str, np.ndarray]:
-    from fedllm.model import ADAPTER_FILE, load_adapter_arrays
-    from fedllm.secure.at_rest import stored_file
-
     ckpt = summary.get("adapter", {}).get("final_checkpoint")
     if not ckpt or stored_file(Path(ckpt) / ADAPTER_FILE) is None:
         raise RunDirError(f"run {path} has no final adapter checkpoint to audit.")
@@ -113,9 +120,6 @@ def _gradient_canary_audit(
     cfg: FedllmConfig, saved: dict[str, np.ndarray], delta: float
 ) -> dict[str, Any]:
     """White-box scores ⟨final − initial, u_k⟩ from the checkpoint alone (no model needed)."""
-    from fedllm.model import adapter_spec, init_adapter
-    from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
-
     spec = adapter_spec(cfg.model, cfg.lora)
     initial = init_adapter(spec, seed=cfg.run.seed)
     shapes = {n: spec.shapes[n] for n in spec.sent}  # the trainable tensors, in model order
@@ -203,10 +207,6 @@ def _input_canary_audit(
     cfg: FedllmConfig, saved: dict[str, np.ndarray], delta: float, *, device: str
 ) -> dict[str, Any]:
     """Black-box scores: the base model with the initial, then the final adapter."""
-    from fedllm.model import get_adapter_arrays, set_adapter_arrays
-    from fedllm.site import load_site_model, tokenizer_for
-    from fedllm.train import example_losses
-
     audit = cfg.audit
     tokenizer = tokenizer_for(cfg)
     model, dev = load_site_model(cfg, device)

@@ -39,7 +39,7 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
     α = max over i in 1..v of P[v − i ≤ Binomial(r, q) < v] / i, vectorised.
     """
-    from scipy.stats import binom
+    from scipy.stats import binom  # heavy: scipy.stats takes ~1.5 s to import
 
     if not 0 <= v <= r <= m:
         raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m}).")
@@ -139,6 +139,7 @@ def gaussian_mu_epsilon(
 ) -> dict[str, float]:
     """Andrew et al.'s estimate: μ = (mean_in − mean_null) / std_null, and the ε(δ) of a
     μ-GDP Gaussian mechanism (dp-accounting's PLD of a Gaussian with σ = 1/μ)."""
+    # heavy: dp-accounting takes ~4 s to import; only this estimate needs it
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     a, b = np.asarray(inserted, dtype=np.float64), np.asarray(null, dtype=np.float64)

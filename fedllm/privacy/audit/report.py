@@ -35,6 +35,7 @@ def _histories(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 
 
 def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
     import matplotlib
 
     matplotlib.use("Agg")
