@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.errors import ConfigError
+from fedllm.strategy.flower import STRATEGIES as FLOWER_STRATEGIES
 
 __all__ = [
     "AuditConfig",
@@ -41,7 +42,7 @@ __all__ = [
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATA = "chatterbot"
 
-STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox")
+STRATEGIES = tuple(FLOWER_STRATEGIES)  # the one list: fedllm.strategy.flower
 ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 PARTITIONERS = ("by-category", "iid", "dirichlet")

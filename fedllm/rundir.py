@@ -27,6 +27,11 @@ STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 LEDGER_FILE = "ledger.jsonl"
+SAFETY_DIR = "safety"
+AUDIT_DIR = "audit"
+SITES_DIR = "sites"
+PROGRESS_PLOT = "progress.png"
+AUDIT_REPORT = "audit-report"  # .md and .html
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -110,6 +115,58 @@ class RunDir:
     def rounds_completed(self) -> int:
         return int(self.state["rounds_completed"])
 
+    @property
+    def ledger_path(self) -> Path:
+        """The run's privacy ledger."""
+        return self.path / LEDGER_FILE
+
+    @staticmethod
+    def safety_records_name(server_round: int) -> str:
+        """Where a screening round's per-probe records live, relative to the run dir (the
+        summary names the file this way)."""
+        return f"{SAFETY_DIR}/round-{server_round}.json"
+
+    def safety_records_path(self, server_round: int) -> Path:
+        return self.path / self.safety_records_name(server_round)
+
+    @property
+    def canary_clients_audit_path(self) -> Path:
+        return self.path / AUDIT_DIR / "canary-clients.json"
+
+    @property
+    def empirical_audit_path(self) -> Path:
+        return self.path / AUDIT_DIR / "empirical.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def progress_plot_path(self) -> Path:
+        return self.path / PROGRESS_PLOT
+
+    def audit_report_paths(self) -> tuple[Path, Path]:
+        """The audit report as Markdown and as HTML."""
+        return self.path / f"{AUDIT_REPORT}.md", self.path / f"{AUDIT_REPORT}.html"
+
+    @staticmethod
+    def site_ledger_path(root: Path, site: int) -> Path:
+        """A site's own privacy ledger under `root` (its state dir, or the run directory in
+        a simulation)."""
+        return Path(root) / SITES_DIR / f"site-{site}" / LEDGER_FILE
+
+    def ledger_paths(self) -> list[Path]:
+        """The run's ledger, then every site ledger kept in the run directory."""
+        return [self.ledger_path, *sorted(self.path.glob(f"{SITES_DIR}/*/{LEDGER_FILE}"))]
+
+    def checkpoint(self, name: str) -> Path:
+        """A checkpoint by its directory name (`round-N`)."""
+        return self.path / CHECKPOINTS / name
+
     def checkpoint_dir(self, server_round: int) -> Path:
         return self.path / CHECKPOINTS / f"round-{server_round}"
 
@@ -121,5 +178,12 @@ class RunDir:
         write_json_atomic(self.path / STATE_FILE, self.state)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
-        write_json_atomic(self.path / SUMMARY_FILE, summary)
-        return self.path / SUMMARY_FILE
+        write_json_atomic(self.summary_path, summary)
+        return self.summary_path
+
+    @classmethod
+    def at(cls, path: Path) -> RunDir:
+        """An existing run directory, read for reporting (its state as saved, if any)."""
+        state_file = Path(path) / STATE_FILE
+        state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
+        return cls(path=Path(path), state=state)

@@ -9,7 +9,15 @@ from typing import Any
 from fedllm.config import FedllmConfig, config_hash
 from fedllm.privacy.budget import effective_budget
 
-__all__ = ["build_summary", "package_versions", "render_table", "weighted_mean"]
+__all__ = [
+    "SUMMARY_KEYS",
+    "build_summary",
+    "package_versions",
+    "render_table",
+    "safety_section",
+    "user_level_section",
+    "weighted_mean",
+]
 
 _PACKAGES = ("fedllm", "flwr", "torch", "transformers", "peft", "opacus", "numpy")
 
@@ -34,8 +42,59 @@ def _per_round(state: dict[str, Any], kind: str) -> dict[int, dict[str, dict[str
     return {int(r): sites for r, sites in state.get(kind, {}).items()}
 
 
-def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> dict[str, Any]:
-    """The machine-readable record of a run, rebuilt from its state after every round."""
+# Every key of summary.json, in the order it is written. The core keys come from the run's
+# book (what each site did); the mechanism sections from the stage that owns each
+# (`fedllm.strategy`), and default to what a run without that mechanism writes.
+SUMMARY_KEYS = (
+    "run_name",
+    "run_dir",
+    "status",
+    "stop_reason",
+    "rounds_planned",
+    "rounds_completed",
+    "eval_rounds",
+    "eval_loss",
+    "sites",
+    "epsilon",
+    "delta",
+    "epsilon_by_accountant",
+    "privacy",
+    "user_level",
+    "secure_aggregation",
+    "audit",
+    "bytes_per_round",
+    "round_seconds",
+    "rejected_updates",
+    "refused",
+    "budget",
+    "failures",
+    "participation",
+    "security",
+    "safety",
+    "adapter",
+    "config_hash",
+    "versions",
+)
+SECTION_DEFAULTS: dict[str, Any] = {
+    "user_level": None,
+    "secure_aggregation": None,
+    "audit": {},
+    "security": None,
+    "safety": None,
+}
+
+
+def build_summary(
+    cfg: FedllmConfig,
+    state: dict[str, Any],
+    *,
+    run_dir: str,
+    sections: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The machine-readable record of a run, rebuilt after every round from its state (the
+    loop's and the book's keys) and the stages' `sections`; a section no stage wrote gets
+    the value a run without that mechanism has, and a section of a stage fedllm does not
+    ship is written after the others."""
     evals = _per_round(state, "evals")
     trains = _per_round(state, "trains")
     rounds = sorted(evals)
@@ -60,7 +119,8 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         for s in sites
         if any(s in trains[r] for r in trains)
     }
-    return {
+    out = {
+        **SECTION_DEFAULTS,
         "run_name": cfg.run.name,
         "run_dir": run_dir,
         "status": state.get("status", "running"),
@@ -84,11 +144,6 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
             "sampling": "poisson" if cfg.privacy.record_level else "shuffled batches",
             "secure_rng": False,
         },
-        "user_level": _user_level(cfg, state),
-        "secure_aggregation": state.get("secure_aggregation"),
-        "audit": {"canary_clients": state["canary_clients_audit"]}
-        if "canary_clients_audit" in state
-        else {},
         "bytes_per_round": state.get("bytes", []),
         "round_seconds": state.get("round_seconds", []),
         "rejected_updates": state.get("rejected", []),
@@ -96,12 +151,13 @@ def build_summary(cfg: FedllmConfig, state: dict[str, Any], *, run_dir: str) -> 
         "budget": _budget_status(cfg, final_eps, state.get("refused", [])),
         "failures": state.get("failures", []),
         "participation": _participation(state, trains),
-        "security": state.get("security"),
-        "safety": _safety(cfg, state, trains),
         "adapter": state.get("adapter", {}),
         "config_hash": config_hash(cfg),
         "versions": package_versions(),
+        **(sections or {}),
     }
+    # A registered stage's own section (one not among the keys above) comes last.
+    return {**{k: out[k] for k in SUMMARY_KEYS}, **out}
 
 
 def _participation(
@@ -141,15 +197,16 @@ def _participation(
     return out
 
 
-def _safety(
-    cfg: FedllmConfig, state: dict[str, Any], trains: dict[int, dict[str, dict[str, float]]]
+def safety_section(
+    cfg: FedllmConfig, recorded: dict[str, Any], state: dict[str, Any]
 ) -> dict[str, Any] | None:
     """Content safety: the base model's rates, each screened round's rates, intervals and gate
-    decision, the rollbacks, and what each site dropped from its training data (a count)."""
+    decision, the rollbacks (`recorded`: the safety gate's state), and what each site dropped
+    from its training data (a count, from the training figures in `state`)."""
     s = cfg.safety
     if not (s.screens or s.screen_site_data):
         return None
-    recorded = state.get("safety", {})
+    trains = _per_round(state, "trains")
     out: dict[str, Any] = {
         "filter": recorded.get("filter", s.filter),
         "threshold": recorded.get("threshold"),
@@ -196,12 +253,13 @@ def _guarantee_text(cfg: FedllmConfig) -> str:
     return "; ".join(parts) or "none"
 
 
-def _user_level(cfg: FedllmConfig, state: dict[str, Any]) -> dict[str, Any] | None:
-    """User-level DP-FedAvg: its own ε, δ and parameters (never mixed with record-level ε)."""
+def user_level_section(cfg: FedllmConfig, user_dp: dict[str, Any]) -> dict[str, Any] | None:
+    """User-level DP-FedAvg: its own ε, δ and parameters (never mixed with record-level ε),
+    from the user-level stage's state `user_dp`."""
     if not cfg.privacy.user_level:
         return None
     p = cfg.privacy
-    rounds = state.get("user_dp", {}).get("rounds", [])
+    rounds = user_dp.get("rounds", [])
     last = rounds[-1] if rounds else {}
     cap = p.user_epsilon_max or None
     spent = last.get("epsilon")

@@ -6,14 +6,15 @@ import re
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedllm.config import STRATEGIES, parse_config
 from fedllm.errors import InvalidUpdateError
-from fedllm.wire import arrays_to_record, record_to_arrays
+from fedllm.strategy.flower import build_inner
 from fedllm.validate import check_update
-from server.strategies import build_strategy
+from fedllm.wire import arrays_to_record, record_to_arrays
+from tests.replies import mock_reply
 
 B0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 B1 = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
@@ -30,18 +31,7 @@ def _reply(
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
         }
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node_id,
-        dst_node_id=0,
-        reply_to_message_id=f"instruction-{node_id}",
-        group_id="1",
-        created_at=0.0,
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content=content, metadata=metadata)
+    return mock_reply(content, node_id=node_id)
 
 
 def _site_arrays(seed: int) -> dict[str, np.ndarray]:
@@ -58,7 +48,7 @@ def _site_arrays(seed: int) -> dict[str, np.ndarray]:
 def test_strategy_aggregates_to_the_example_weighted_mean(name: str) -> None:
     """Three replies with 10, 30 and 60 examples average to sum(n_i * w_i) / sum(n_i)."""
     # Prepare
-    strategy = build_strategy(parse_config({"strategy.name": name}), num_sites=3)
+    strategy = build_inner(parse_config({"strategy.name": name}), num_sites=3)
     sites = [(_site_arrays(seed), n) for seed, n in [(1, 10), (2, 30), (3, 60)]]
     losses = [2.0, 3.0, 1.0]
     replies = [
@@ -85,7 +75,7 @@ def test_strategy_aggregates_to_the_example_weighted_mean(name: str) -> None:
 def test_fedavg_of_one_site_is_that_site() -> None:
     """With one site the aggregate is that site's arrays, unchanged."""
     # Prepare
-    strategy = build_strategy(parse_config({}), num_sites=3)
+    strategy = build_inner(parse_config({}), num_sites=3)
     arrays = _site_arrays(7)
 
     # Execute
@@ -104,7 +94,7 @@ def test_every_configured_strategy_builds(name: str) -> None:
     cfg = parse_config({"strategy.name": name})
 
     # Execute
-    strategy = build_strategy(cfg, num_sites=3)
+    strategy = build_inner(cfg, num_sites=3)
 
     # Assert
     assert isinstance(strategy, Strategy)
@@ -117,7 +107,7 @@ def test_every_configured_strategy_builds(name: str) -> None:
 def test_fedprox_gets_the_configured_mu() -> None:
     """`strategy.proximal-mu` reaches Flower's FedProx."""
     # Execute
-    strategy = build_strategy(
+    strategy = build_inner(
         parse_config({"strategy.name": "fedprox", "strategy.proximal-mu": 0.25}), num_sites=2
     )
 

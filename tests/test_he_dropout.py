@@ -1,7 +1,8 @@
 """The coordinator's handling of a distributed-DP round under HE when noise shares are missing.
 
-Real contexts, real ciphertexts, the real `FederatedRun` and ledger; no Flower messaging
-(the round's replies are already summed), so every policy can be forced deterministically.
+Real contexts, real ciphertexts, the real `FederatedRun`, its stages and ledger; no Flower
+messaging (the round's replies are handed to the stages as they would arrive), so every
+policy can be forced deterministically.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm.config import parse_config
 from fedllm.model import adapter_spec
@@ -21,7 +23,11 @@ from fedllm.privacy.verify import verify_records
 from fedllm.rundir import RunDir
 from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, payload_digest, write_key_files
 from fedllm.secure.he_site import SiteHE
-from server.app import FederatedRun
+from fedllm.strategy.base import RoundDiscarded, RunStopped
+from fedllm.strategy.loop import FederatedRun
+from fedllm.strategy.user_dp import user_budget
+from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, NUM_EXAMPLES, SITE, ciphertexts_to_record
+from tests.replies import mock_reply
 
 SIGMA = 1.0
 
@@ -50,45 +56,57 @@ def _run(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> Federated
     run = FederatedRun(
         None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
     )
-    run.num_sites = 3
+    run.ctx.num_sites = 3
+    run.strategy = run.pipeline.build()
+    run.pipeline.begin()
+    run.pipeline.stage("he-sum").open_round()
     return run
 
 
-def _two_of_three(run: FederatedRun) -> Any:
-    """A round's sum holding sites 0 and 1 only (site 2 dropped)."""
+def _two_of_three(run: FederatedRun) -> list[Message]:
+    """A round's replies from sites 0 and 1 only (site 2 dropped)."""
     site = SiteHE.load(run.cfg, run.cfg.he.site_context, site=0)
-    total = run.he.new_sum()
+    replies = []
     for s in (0, 1):
-        update = {n: np.full(shape, 0.01 * (s + 1)) for n, shape in run.expected.items()}
+        update = {n: np.full(shape, 0.01 * (s + 1)) for n, shape in run.ctx.expected.items()}
         blobs = site.seal(update, weight=1 / 3, num_sites=3)
-        total.add(
-            blobs,
-            weight=1 / 3,
-            key=site.key,
-            digest=payload_digest(blobs),
-            sender=f"site {s}",
-            site=s,
+        content = RecordDict(
+            {
+                ARRAYS: ciphertexts_to_record(blobs),
+                METRICS: MetricRecord({SITE: s, NUM_EXAMPLES: 10, HE_WEIGHT: 1 / 3}),
+                HE: ConfigRecord({"key-id": site.key, "sha256": payload_digest(blobs)}),
+            }
         )
-    return total
+        replies.append(mock_reply(content, node_id=s + 1))
+    return replies
+
+
+def _aggregate(run: FederatedRun, replies: list[Message]) -> Any:
+    """The round's replies through the stages, as the loop hands them over."""
+    assert run.strategy is not None
+    return run.strategy.aggregate_train(1, replies)
 
 
 def test_abort_policy_discards_the_round_unread_and_spends_nothing(
     tiny_model_dir: Path, keys: Path, tmp_path: Path
 ) -> None:
     run = _run(tiny_model_dir, keys, tmp_path, **{"he.on-dropout": "abort"})
-    assert run._he_commit(1, _two_of_three(run)) is True
-    assert run.he.global_blobs is None  # the global adapter stays as it was
-    assert "abort" in run.state["secure_aggregation"]["rounds"][0]["aborted"]
-    assert Ledger(run.run.path / "ledger.jsonl").records() == []
+    with pytest.raises(RoundDiscarded, match="abort") as discarded:  # the round goes on
+        _aggregate(run, _two_of_three(run))
+    run.pipeline.round_discarded(1, discarded.value)
+    he = run.pipeline.stage("he-sum")
+    assert he.global_blobs is None  # the global adapter stays as it was
+    assert "abort" in run.state_dict()["secure_aggregation"]["rounds"][0]["aborted"]
+    assert Ledger(run.ctx.run.path / "ledger.jsonl").records() == []
 
 
 def test_account_policy_records_the_noise_actually_present(
     tiny_model_dir: Path, keys: Path, tmp_path: Path
 ) -> None:
     run = _run(tiny_model_dir, keys, tmp_path)
-    run._user_budget_allows(1, SIGMA, 1.0)
-    assert run._he_commit(1, _two_of_three(run)) is True
-    records = Ledger(run.run.path / "ledger.jsonl").records()
+    arrays, _ = _aggregate(run, _two_of_three(run))
+    assert arrays is not None
+    records = Ledger(run.ctx.run.path / "ledger.jsonl").records()
     z = SIGMA * math.sqrt(2 / 3)
     assert [r["mechanism"] for r in records] == [USER_GAUSSIAN]
     assert records[0]["noise_multiplier"] == pytest.approx(z)
@@ -97,7 +115,8 @@ def test_account_policy_records_the_noise_actually_present(
         epsilon_report([(z, 1.0, 1)], delta=1e-5)["epsilon"]
     )
     assert verify_records(records) == []
-    assert run.he.global_blobs is not None and run.he.divisor == pytest.approx(2 / 3)
+    he = run.pipeline.stage("he-sum")
+    assert he.global_blobs is not None and he.divisor == pytest.approx(2 / 3)
 
 
 def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(
@@ -107,11 +126,11 @@ def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(
     site is not released and the run stops, instead of recording more ε than allowed."""
     planned = float(epsilon_report([(SIGMA, 1.0, 1)], delta=1e-5)["epsilon"])
     run = _run(tiny_model_dir, keys, tmp_path, **{"privacy.user-epsilon-max": planned + 1e-6})
-    assert run._user_budget_allows(1, SIGMA, 1.0)
-    assert run._he_commit(1, _two_of_three(run)) is False
-    assert run.state["status"] == "stopped" and "budget" in run.state["stop_reason"]
-    assert run.he.global_blobs is None
-    assert Ledger(run.run.path / "ledger.jsonl").records() == []
+    user_budget(run.ctx, 1, SIGMA, 1.0)  # the best case (every share) is within budget
+    with pytest.raises(RunStopped, match="budget"):
+        _aggregate(run, _two_of_three(run))
+    assert run.pipeline.stage("he-sum").global_blobs is None
+    assert Ledger(run.ctx.run.path / "ledger.jsonl").records() == []
 
 
 def test_server_given_the_secret_context_refuses_to_start(

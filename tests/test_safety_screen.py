@@ -417,11 +417,13 @@ def test_summary_has_a_safety_section_and_the_table_names_the_rollback() -> None
     # Prepare
     from rich.console import Console
 
-    from fedllm.summary import build_summary, render_table
+    from fedllm.summary import build_summary, render_table, safety_section
 
     cfg = parse_config({"safety.screen-every": 2, "safety.screen-site-data": True})
+    state = _state_with_safety()
     # Execute
-    summary = build_summary(cfg, _state_with_safety(), run_dir="/tmp/x")
+    section = safety_section(cfg, state["safety"], state)
+    summary = build_summary(cfg, state, run_dir="/tmp/x", sections={"safety": section})
     console = Console(width=200, record=True)
     console.print(render_table(summary))
     text = console.export_text()
@@ -438,12 +440,14 @@ def test_summary_has_a_safety_section_and_the_table_names_the_rollback() -> None
 def test_summary_has_no_safety_section_when_safety_is_off() -> None:
     """Runs that do not screen keep `safety: null`."""
     # Prepare
-    from fedllm.summary import build_summary
+    from fedllm.summary import build_summary, safety_section
 
+    cfg = parse_config({})
     # Execute
-    summary = build_summary(parse_config({}), {"rounds_completed": 0}, run_dir="/tmp/x")
+    section = safety_section(cfg, {}, {"rounds_completed": 0})
+    summary = build_summary(cfg, {"rounds_completed": 0}, run_dir="/tmp/x")
     # Assert
-    assert summary["safety"] is None
+    assert section is None and summary["safety"] is None
 
 
 def test_run_plot_gains_a_safety_panel_when_the_run_screens(tmp_path: Path) -> None:
@@ -452,10 +456,14 @@ def test_run_plot_gains_a_safety_panel_when_the_run_screens(tmp_path: Path) -> N
     import matplotlib.image as mpimg
 
     from fedllm.plots import plot_run
-    from fedllm.summary import build_summary
+    from fedllm.summary import build_summary, safety_section
 
+    cfg, state = parse_config({"safety.screen-every": 2}), _state_with_safety()
     screened = build_summary(
-        parse_config({"safety.screen-every": 2}), _state_with_safety(), run_dir="/tmp/x"
+        cfg,
+        state,
+        run_dir="/tmp/x",
+        sections={"safety": safety_section(cfg, state["safety"], state)},
     )
     plain = {**screened, "safety": None}
     # Execute
@@ -517,8 +525,9 @@ def test_gate_action_decides_which_adapter_the_round_keeps(
     previous adapter and the server optimiser's state (rollback, stop) or only records it."""
     # Prepare
     from fedllm.model import adapter_spec
-    from server.app import FederatedRun, _strategy_state
-    from server.strategies import build_strategy
+    from fedllm.strategy.base import RoundDiscarded
+    from fedllm.strategy.flower import build_inner
+    from fedllm.strategy.loop import FederatedRun
 
     lexicon = tmp_path / "any-word.json"  # flags any answer that says something
     lexicon.write_text(json.dumps({"categories": {"words": [[r"\w+", 0.6]]}}))
@@ -535,22 +544,30 @@ def test_gate_action_decides_which_adapter_the_round_keeps(
         }
     )
     run = FederatedRun(None, cfg, None, adapter_spec(cfg.model, cfg.lora))  # no grid needed
-    run._screen_base()  # the random tiny model answers nothing: complies with nothing
-    strategy = build_strategy(cfg, num_sites=2)
-    previous, saved = run.arrays, _strategy_state(strategy)
+    gate = run.pipeline.stage("safety-gate")
+    gate.ready()  # the random tiny model answers nothing: complies with nothing
+    strategy = build_inner(cfg, num_sites=2)
+    gate.wrap(strategy)
+    gate.snapshot_inner()  # what a screening round's configure_train does first
     rng = np.random.default_rng(0)  # a large random adapter makes the model talk
-    candidate = {n: rng.normal(0.0, 1.0, a.shape).astype(np.float32) for n, a in previous.items()}
-    run.arrays, strategy.current_arrays = candidate, "the round's update"
+    candidate = {
+        n: rng.normal(0.0, 1.0, a.shape).astype(np.float32) for n, a in run.ctx.arrays.items()
+    }
+    strategy.current_arrays = "the round's update"
     # Execute
-    stopped = run._screen_round(1, strategy, previous, saved)
+    discarded: RoundDiscarded | None = None
+    try:
+        gate.screen_candidate(1, candidate)
+    except RoundDiscarded as e:  # the loop then keeps the previous adapter
+        discarded = e
     # Assert
-    entry = run.state["safety"]["rounds"][0]
-    assert run.state["safety"]["base"]["harmful_compliance"]["count"] == 0
+    safety = gate.state_dict()["safety"]
+    entry = safety["rounds"][0]
+    assert safety["base"]["harmful_compliance"]["count"] == 0
     assert entry["gate"]["tripped"] and entry["gate"]["action"] == label
-    assert stopped is stops
-    assert run.arrays is (previous if rolled_back else candidate)
+    assert (discarded is not None and discarded.stop) is stops
+    assert (discarded is not None) is rolled_back
     assert strategy.current_arrays == (None if rolled_back else "the round's update")
-    assert [r["round"] for r in run.state["safety"]["rollbacks"]] == ([1] if rolled_back else [])
+    assert [r["round"] for r in safety["rollbacks"]] == ([1] if rolled_back else [])
     if stops:
-        assert run.state["status"] == "stopped"
-        assert "safety gate tripped" in run.state["stop_reason"]
+        assert discarded is not None and "safety gate tripped" in discarded.reason

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
-from clients.app import _signing_key
 from fedllm.config import parse_config
 from fedllm.errors import KeyFileError
 from fedllm.model import adapter_spec
+from fedllm.mods.sign import signing_key
 from fedllm.secure.pki import PkiLayout, init_pki
-from server.app import FederatedRun
+from fedllm.strategy.loop import FederatedRun
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +52,18 @@ def test_the_coordinator_refuses_to_start_without_its_registry(
 def test_the_coordinator_loads_every_sites_key(pki: PkiLayout, tiny_model_dir: Path) -> None:
     cfg = _cfg(pki, tiny_model_dir)
     run = FederatedRun(None, cfg, None, adapter_spec(cfg.model, cfg.lora))
-    assert {k: s.name for k, s in run.registry.items()} == {0: "site-0", 1: "site-1"}
+    assert {k: s.name for k, s in run.pipeline.stage("signatures").registry.items()} == {0: "site-0", 1: "site-1"}
 
 
 def test_a_site_finds_its_key_by_partition_or_node_config(
     pki: PkiLayout, tiny_model_dir: Path
 ) -> None:
     cfg = _cfg(pki, tiny_model_dir)
-    by_partition = _signing_key(cfg, _context({"partition-id": 1}), 1)
+    by_partition = signing_key(cfg, _context({"partition-id": 1}), 1)
     assert by_partition is not None
-    explicit = _signing_key(cfg, _context({"signing-key": str(pki.signing_key("site-0"))}), 1)
+    explicit = signing_key(cfg, _context({"signing-key": str(pki.signing_key("site-0"))}), 1)
     assert explicit is not None
-    assert _signing_key(parse_config({}), _context({}), 0) is None  # signing off: no key read
+    assert signing_key(parse_config({}), _context({}), 0) is None  # signing off: no key read
 
 
 def test_a_site_with_a_readable_or_missing_key_refuses_before_training(
@@ -74,8 +74,8 @@ def test_a_site_with_a_readable_or_missing_key_refuses_before_training(
     os.chmod(key, 0o644)
     try:
         with pytest.raises(KeyFileError, match=rf"{key} .*readable by others"):
-            _signing_key(cfg, _context({}), 1)
+            signing_key(cfg, _context({}), 1)
     finally:
         os.chmod(key, 0o600)
     with pytest.raises(KeyFileError, match="no file at"):
-        _signing_key(cfg, _context({}), 5)
+        signing_key(cfg, _context({}), 5)

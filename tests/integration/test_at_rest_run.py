@@ -27,7 +27,7 @@ def test_sealed_run_audits_resumes_and_refuses_another_key(
     from fedllm.config import parse_config
     from fedllm.model import adapter_spec
     from fedllm.rundir import RunDir
-    from server.app import FederatedRun
+    from fedllm.strategy.loop import FederatedRun
 
     key = make_key_file(tmp_path / "keys" / "at-rest.key")
     overrides = {

@@ -1,0 +1,117 @@
+"""`RunBook`: what each site did in each round, as the coordinator recorded it.
+
+One record shared by the loop, the transport and the stages: per-site training and
+evaluation figures of accepted replies, rejected replies, refusals, sites that did not
+answer, bytes on the wire, and which Flower node each site answered from. It is plain data
+in `state.json` (the keys below, unchanged since before the stages existed, so older run
+directories resume), and `fedllm.summary` turns it into the run's core summary.
+"""
+
+from __future__ import annotations
+
+import copy
+from logging import WARNING
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.logger import log
+
+from fedllm.wire import reply_site
+
+__all__ = ["RunBook"]
+
+KEYS = ("evals", "trains", "failures", "rejected", "refused", "bytes", "node_sites")
+
+
+class RunBook:
+    """Per-round records, keyed as in `state.json`."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.data: dict[str, Any] = {}
+        self.load_state_dict(state or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.data)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data = {k: copy.deepcopy(state[k]) for k in KEYS if k in state}
+
+    # -- writing ----------------------------------------------------------------------------
+    def record(self, kind: str, server_round: int, site: int, metrics: dict[str, Any]) -> None:
+        """An accepted reply's figures: `kind` is "trains" or "evals"."""
+        self.data.setdefault(kind, {}).setdefault(str(server_round), {})[str(site)] = metrics
+
+    def reject(self, server_round: int, reply: Message, phase: str, error: Exception) -> None:
+        """A reply refused by a check, named by the site it claims to be (even when its
+        signature failed) and its node."""
+        log(WARNING, "fedllm: rejected %s reply: %s", phase, error)
+        try:
+            site: int | None = reply_site(reply.content)
+        except (KeyError, ValueError, TypeError):
+            site = None
+        node = reply.metadata.src_node_id
+        self.data.setdefault("rejected", []).append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "site": site,
+                "sender": f"site {site} (node {node})" if site is not None else f"node {node}",
+                "reason": str(error),
+            }
+        )
+
+    def refuse(self, server_round: int, site: int, reason: str) -> None:
+        """A site that declined the round (its privacy budget): an answer, not a failure."""
+        self.data.setdefault("refused", []).append(
+            {"round": server_round, "site": site, "reason": reason}
+        )
+
+    def fail(self, server_round: int, phase: str, node: int, reason: str) -> None:
+        self.data.setdefault("failures", []).append(
+            {
+                "round": server_round,
+                "phase": phase,
+                "node": node,
+                "site": self.site_of(node),
+                "reason": reason,
+            }
+        )
+
+    def add_bytes(self, server_round: int, *, up: int, down: int) -> None:
+        entries = self.data.setdefault("bytes", [])
+        entry = next((e for e in entries if e["round"] == server_round), None)
+        if entry is None:
+            entry = {"round": server_round, "up": 0, "down": 0}
+            entries.append(entry)
+        entry["up"] += up
+        entry["down"] += down
+
+    def seen(self, node: int, site: int) -> None:
+        """Remember the node a site answers from, so a site that drops out is named."""
+        self.data.setdefault("node_sites", {})[str(node)] = site
+
+    # -- reading ----------------------------------------------------------------------------
+    def site_of(self, node: int) -> int | None:
+        return self.data.get("node_sites", {}).get(str(node))
+
+    def round(self, kind: str, server_round: int) -> dict[str, dict[str, Any]]:
+        """Per-site figures of one round ("trains" or "evals")."""
+        return self.data.get(kind, {}).get(str(server_round), {})
+
+    def count(self, kind: str, server_round: int) -> int:
+        """How many training-phase entries of `kind` (refused, rejected, failures) a round has."""
+        return sum(
+            1
+            for r in self.data.get(kind, [])
+            if r["round"] == server_round and r.get("phase", "train") == "train"
+        )
+
+    def last_train_examples(self) -> float:
+        """The federation's training examples, as the sites last reported them when
+        evaluating (0 if none did)."""
+        evals = self.data.get("evals", {})
+        for server_round in sorted(evals, key=int, reverse=True):
+            counts = [m.get("train-examples", 0) for m in evals[server_round].values()]
+            if sum(counts) > 0:
+                return float(sum(counts))
+        return 0.0

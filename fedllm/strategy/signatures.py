@@ -1,0 +1,106 @@
+"""Signatures: every reply is checked against its site's registered Ed25519 key before
+anything in it is used (`security.sign-updates`); the `security` section of the summary
+(which sites' signatures verified each round, and the at-rest key id) is this stage's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fedllm.errors import InvalidUpdateError
+from fedllm.secure.pki import RegisteredSite, load_registry
+from fedllm.secure.sign import Claim
+from fedllm.strategy.base import RunContext, Stage
+from fedllm.wire import reply_site, verify_reply
+
+__all__ = ["Signatures"]
+
+_CHECK_ERRORS = (InvalidUpdateError, KeyError, ValueError, TypeError)
+
+
+class Signatures(Stage):
+    """Drops (and records) every reply that is unsigned, tampered, signed by another key or
+    replayed; with signing off it only names the node each site answers from."""
+
+    name = "signatures"
+    state_keys = ("security",)
+    summary_keys = ("security",)
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        sec = self.cfg.security
+        # Loaded now, so a missing or bad registry stops the run before anything happens.
+        self.registry: dict[int, RegisteredSite] | None = (
+            load_registry(Path(sec.registry)) if sec.sign_updates else None
+        )
+
+    def begin(self) -> None:
+        sec, key = self.cfg.security, self.ctx.at_rest
+        self.state["security"] = {
+            **self.state.get("security", {}),
+            "at_rest": {"cipher": "AES-256-GCM", "key_id": key.id} if key else None,
+            "sign_updates": sec.sign_updates,
+            "registry": sec.registry if self.registry else None,
+            "site_keys": {
+                str(k): {"name": r.name, "key_id": r.key_id}
+                for k, r in sorted((self.registry or {}).items())
+            },
+        }
+
+    def summary_section(self) -> dict[str, Any]:
+        return {"security": self.state.get("security")}
+
+    def accept(self, reply: Message, server_round: int, phase: str) -> int:
+        """The site a reply comes from, once its signature checks out; raises
+        `InvalidUpdateError` (or KeyError/ValueError for a malformed reply) otherwise."""
+        site = reply_site(reply.content)
+        node = reply.metadata.src_node_id
+        sender = f"site {site} (node {node})"
+        if self.registry is not None:
+            registered = self.registry.get(site)
+            if registered is None:
+                raise InvalidUpdateError(
+                    f"{sender}: no signing key for partition {site} in "
+                    f"{self.cfg.security.registry}; register the site with `fedllm pki init`."
+                )
+            claim = Claim(self.ctx.run_id, server_round, node, phase)
+            t0 = time.perf_counter()
+            verify_reply(reply.content, registered, claim, sender=sender)
+            security = self.state.setdefault("security", {})
+            seconds = security.setdefault("verify_seconds", {})
+            seconds[str(server_round)] = seconds.get(str(server_round), 0.0) + (
+                time.perf_counter() - t0
+            )
+            verified = security.setdefault("verified", {})
+            verified.setdefault(str(server_round), {}).setdefault(phase, []).append(site)
+        self.ctx.book.seen(node, site)
+        return site
+
+    def _accepted(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        out = []
+        for reply in replies:
+            try:
+                self.accept(reply, server_round, phase)
+            except _CHECK_ERRORS as e:
+                self.ctx.book.reject(server_round, reply, phase, e)
+                continue
+            out.append(reply)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(
+            server_round, self._accepted(server_round, replies, "train")
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(
+            server_round, self._accepted(server_round, replies, "evaluate")
+        )

@@ -1,0 +1,73 @@
+"""Spends: a site's refusal is recorded and its reply left out; every record-level DP-SGD
+spend a site reports goes into the run ledger, whether or not its update is then accepted
+(the site trained, so the privacy was spent), after any earlier spend the ledger lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from fedllm.errors import InvalidUpdateError
+from fedllm.privacy.backfill import missing_spends
+from fedllm.privacy.ledger import dp_sgd_entry
+from fedllm.strategy.base import Stage
+from fedllm.wire import METRICS, REFUSAL, REFUSED, reply_site, spend_metrics
+
+__all__ = ["Spends"]
+
+
+class Spends(Stage):
+    """Refusals out, spends into the run ledger (record-level DP)."""
+
+    name = "spends"
+
+    def _refusal(self, reply: Message) -> str | None:
+        if not reply.content[METRICS].get(REFUSED):
+            return None
+        return str(reply.content[REFUSAL]["reason"])
+
+    def record_spend(self, server_round: int, reply: Message) -> None:
+        """Append the reply's spend (and any spend of earlier rounds the run ledger lacks)."""
+        metrics = dict(reply.content[METRICS])
+        spend = spend_metrics(metrics) if self.cfg.privacy.record_level else None
+        if spend is None:
+            return
+        run_id = self.cfg.run.name
+        entry = dp_sgd_entry(run_id=run_id, server_round=server_round, **spend)
+        ledger = self.ctx.ledger()
+        for missing in missing_spends(
+            ledger.records(), metrics, run_id=run_id, site=spend["site"], before_round=server_round
+        ):
+            log(WARNING, "fedllm: site %s: %s", spend["site"], missing["backfilled"])
+            ledger.append(missing)
+        ledger.append(entry)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = []
+        for reply in replies:
+            try:
+                reason = self._refusal(reply)
+                if reason is not None:
+                    site = reply_site(reply.content)
+                    node = reply.metadata.src_node_id
+                    log(
+                        WARNING,
+                        "fedllm: site %s (node %s) left out of round %d: %s",
+                        site,
+                        node,
+                        server_round,
+                        reason,
+                    )
+                    self.ctx.book.refuse(server_round, site, reason)
+                    continue
+                self.record_spend(server_round, reply)
+            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
+                self.ctx.book.reject(server_round, reply, "train", e)
+                continue
+            kept.append(reply)
+        return self.inner.aggregate_train(server_round, kept)

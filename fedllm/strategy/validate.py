@@ -1,0 +1,88 @@
+"""Validate: every update is checked before it may touch the aggregate, the figures of the
+accepted ones are recorded, and a round with fewer valid updates than `run.min-sites`
+stops the run with the last global adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import ERROR
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedllm.errors import InvalidUpdateError
+from fedllm.strategy.base import RunContext, RunStopped, Stage
+from fedllm.validate import check_update
+from fedllm.wire import ARRAYS, METRICS, record_to_arrays, reply_site
+
+__all__ = ["Validate"]
+
+
+class Validate(Stage):
+    """Names, shapes, dtypes and finite values of plaintext updates (or, under HE, the
+    check of the stage that can read the ciphertexts), then run.min-sites."""
+
+    name = "validate"
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.sent: dict[int, int] = {}
+
+    def check(self, reply: Message, sender: str) -> None:
+        """Raise `InvalidUpdateError` unless the reply carries a valid update."""
+        if self.ctx.update_check is not None:
+            self.ctx.update_check(reply, sender)
+            return
+        check_update(record_to_arrays(reply.content[ARRAYS]), self.ctx.expected, sender=sender)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sent[server_round] = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        book = self.ctx.book
+        valid = []
+        for reply in replies:
+            try:
+                site = reply_site(reply.content)
+                self.check(reply, f"site {site} (node {reply.metadata.src_node_id})")
+            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
+                book.reject(server_round, reply, "train", e)
+                continue
+            book.record("trains", server_round, site, dict(reply.content[METRICS]))
+            valid.append(reply)
+        needed = self.cfg.run.min_sites
+        if self.ctx.sampled_by_design:  # Poisson sampling may pick fewer sites by design
+            needed = min(needed, self.sent.get(server_round, needed))
+        if len(valid) < needed:
+            reason = (
+                f"round {server_round}: only {len(valid)} valid updates "
+                f"({book.count('refused', server_round)} sites refused for their privacy "
+                f"budget, {book.count('rejected', server_round)} updates rejected, "
+                f"{book.count('failures', server_round)} sites did not answer), fewer than "
+                f"run.min-sites = {self.cfg.run.min_sites}; stopping with the last global adapter."
+            )
+            log(ERROR, "fedllm: %s", reason)
+            raise RunStopped(reason)
+        return self.inner.aggregate_train(server_round, valid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Each site's figures go into the run's book (the summary weights them by tokens);
+        Flower's metric averaging is not used, so no stage further in sees evaluations."""
+        for reply in replies:
+            try:
+                site = reply_site(reply.content)
+                metrics = dict(reply.content[METRICS])
+            except (KeyError, ValueError, TypeError) as e:
+                self.ctx.book.reject(server_round, reply, "evaluate", e)
+                continue
+            self.ctx.book.record("evals", server_round, site, metrics)
+        return None
