@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.accounting import MECHANISMS
@@ -27,14 +27,18 @@ __all__ = [
     "REFUSAL",
     "arrays_to_record",
     "ciphertexts_to_record",
+    "epsilon_key",
+    "evaluate_metrics",
     "is_encrypted",
     "record_bytes",
     "record_to_arrays",
     "record_to_ciphertexts",
+    "refusal_content",
     "reply_site",
     "route_fedllm_logs",
     "sign_reply",
     "spend_metrics",
+    "train_metrics",
     "verify_reply",
 ]
 
@@ -172,3 +176,74 @@ def route_fedllm_logs() -> None:
         if handler not in ours.handlers:
             ours.addHandler(handler)
     ours.propagate = False
+
+
+# -- the fields a site's ClientApp and its mods write (appended for issue 14) -----------------
+REASON = "reason"  # the refusal record's one field: why the site refused
+HE_RECORD_KEY_ID = "key-id"  # HE record: the id of the key the ciphertexts are under
+HE_RECORD_SHA256 = "sha256"  # HE record: `payload_digest` of the ciphertexts
+# train replies (besides SITE, NUM_EXAMPLES, the SPEND_KEYS and `epsilon_key(...)` for each
+# accountant); evaluate replies add TRAIN_EXAMPLES
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TOTAL_STEPS = "total-steps"
+EPSILON = "epsilon"
+STEPS = "steps"  # the SPEND_KEYS, one by one
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+MAX_GRAD_NORM = "max-grad-norm"
+EVAL_LOSS = "eval-loss"
+PERPLEXITY = "perplexity"
+EVAL_TOKENS = "eval-tokens"
+
+
+def epsilon_key(mechanism: str) -> str:
+    """The train-reply metric with the site's ε under one accountant (`epsilon-prv`, ...)."""
+    return f"epsilon-{mechanism}"
+
+
+def train_metrics(
+    out: Any, *, site: int, max_grad_norm: float, history: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A training reply's metrics from the site's round (`out`, a `fedllm.site.SiteRound`):
+    examples, loss, steps, ε (cumulative, and under each accountant) and the spend that
+    `spend_metrics` reads back; `max_grad_norm` is 0.0 without record-level DP. `history`
+    (`fedllm.privacy.backfill.history_metrics` of the site's ledger) lets the coordinator
+    backfill spends whose replies it never accepted."""
+    return {
+        NUM_EXAMPLES: out.num_examples,
+        SITE: site,
+        TRAIN_LOSS: out.result.mean_loss,
+        TRAIN_SECONDS: out.result.seconds,
+        STEPS: out.result.steps,
+        TOTAL_STEPS: out.total_steps,
+        EPSILON: out.epsilon,
+        DELTA: out.delta,
+        NOISE_MULTIPLIER: out.noise_multiplier,
+        SAMPLE_RATE: out.sample_rate,
+        MAX_GRAD_NORM: max_grad_norm,
+        **{epsilon_key(m): float(out.epsilons.get(m, float("inf"))) for m in MECHANISMS},
+        **history,
+    }
+
+
+def refusal_content(site: int, reason: str) -> RecordDict:
+    """A site's refusal of a training round (a reply, not an error): `refused` = 1, no
+    examples, and why in the `refusal` record."""
+    metrics = MetricRecord({SITE: site, REFUSED: 1, NUM_EXAMPLES: 0})
+    return RecordDict({METRICS: metrics, REFUSAL: ConfigRecord({REASON: reason})})
+
+
+def evaluate_metrics(res: Any, *, site: int, train_examples: int) -> dict[str, Any]:
+    """An evaluation reply's metrics from the site's result (`res`, a `fedllm.train.EvalResult`);
+    `train_examples` is the site's training set size, from which the coordinator derives
+    the public weight unit of HE rounds."""
+    return {
+        NUM_EXAMPLES: res.num_examples,
+        SITE: site,
+        EVAL_LOSS: res.loss,
+        PERPLEXITY: res.perplexity,
+        EVAL_TOKENS: res.num_tokens,
+        TRAIN_EXAMPLES: train_examples,
+    }

@@ -1,0 +1,65 @@
+"""What the site's handlers and mods read from a message and its Context: the config the
+site works under and the partition the node serves.
+
+Each mod is built with the same `overrides` as the app (flat run-config keys laid over the
+run config, for tests) and reads the config itself (`SiteMod`), so no value travels in
+module globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+
+from fedllm.config import FedllmConfig, parse_config
+from fedllm.wire import CONFIG, RUN_NAME
+
+__all__ = ["SiteMod", "partition", "site_config"]
+
+
+def site_config(msg: Message, context: Context, overrides: Mapping[str, Any]) -> FedllmConfig:
+    """The run config with `overrides` laid over it, under the run name the coordinator sends.
+
+    Parameters
+    ----------
+    msg : Message
+        The coordinator's message; its config record may name the run (`run-name`).
+    context : Context
+        The ClientApp's context; its `run_config` holds the flat run-config keys.
+    overrides : Mapping[str, Any]
+        Flat keys that replace the run config's (empty outside tests).
+
+    Returns
+    -------
+    FedllmConfig
+        A fresh config: callers may change it without touching another's.
+    """
+    cfg = parse_config({**context.run_config, **overrides})
+    cfg.run.name = str(msg.content[CONFIG].get(RUN_NAME, cfg.run.name))
+    return cfg
+
+
+def partition(context: Context) -> tuple[int, int]:
+    """This node's partition id (its site index) and the number of partitions."""
+    node = context.node_config
+    return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+
+
+class SiteMod:
+    """Base of the site's client mods: a callable `mod(msg, ctxt, call_next)` (Flower's
+    `Mod`, built like its `LocalDpMod`) that reads the site's config as the app does.
+
+    Parameters
+    ----------
+    overrides : Mapping[str, Any] | None (default: None)
+        Flat run-config keys laid over the run config, the same as the app's (for tests).
+    """
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
+        self.overrides = dict(overrides or {})
+
+    def config(self, msg: Message, ctxt: Context) -> FedllmConfig:
+        """The config this message runs under (`site_config` with this mod's overrides)."""
+        return site_config(msg, ctxt, self.overrides)
