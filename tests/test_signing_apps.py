@@ -52,7 +52,8 @@ def test_the_coordinator_refuses_to_start_without_its_registry(
 def test_the_coordinator_loads_every_sites_key(pki: PkiLayout, tiny_model_dir: Path) -> None:
     cfg = _cfg(pki, tiny_model_dir)
     run = FederatedRun(None, cfg, None, adapter_spec(cfg.model, cfg.lora))
-    assert {k: s.name for k, s in run.pipeline.stage("signatures").registry.items()} == {0: "site-0", 1: "site-1"}
+    registry = run.pipeline.stage("signatures").registry
+    assert {k: s.name for k, s in registry.items()} == {0: "site-0", 1: "site-1"}
 
 
 def test_a_site_finds_its_key_by_partition_or_node_config(
