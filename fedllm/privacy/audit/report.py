@@ -38,7 +38,7 @@ def _plots(sites: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
