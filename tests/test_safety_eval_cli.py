@@ -13,7 +13,7 @@ import pytest
 from sklearn import metrics as skm
 
 from fedllm.cli import main
-from fedllm.cli_safety import default_eval_dir
+from fedllm.cli.safety import default_eval_dir
 from fedllm.safety.base import FilterScores, SafetyError, SafetyFilter
 from fedllm.safety.evaluation import evaluate_filter, print_report, write_report
 from fedllm.safety.labelled import LabelledSet

@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fedllm.errors import FedllmError, KeyFileError
+from fedllm.errors import FedllmError
 
-__all__ = ["add_deploy_parsers", "add_federation_parser", "supernode_command"]
+__all__ = ["add_parsers", "supernode_command"]
 
 DEFAULT_PKI = "keys/pki"
 DEFAULT_PORT = 9092
@@ -30,6 +30,7 @@ def _print_checked(lines: list[str]) -> None:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.pki import PkiLayout, init_pki, parse_sites
 
     sites = parse_sites(args.sites)
@@ -54,10 +55,11 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_show(args: argparse.Namespace) -> int:
+    # heavy: rich and cryptography's x509 take ~0.3 s to import; keeps `fedllm --help` fast
     from rich.console import Console
     from rich.table import Table
 
-    from fedllm.secure.pki import describe
+    from fedllm.secure.pki import describe  # heavy: cryptography's x509
 
     rows = describe(Path(args.dir))
     table = Table(title=f"keys under {args.dir}")
@@ -79,6 +81,7 @@ def cmd_pki_show(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_check(args: argparse.Namespace) -> int:
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.preflight import check_site, check_superlink
 
     if args.site_dir:
@@ -92,6 +95,7 @@ def cmd_pki_check(args: argparse.Namespace) -> int:
 
 def cmd_pki_register(args: argparse.Namespace) -> int:
     """Register every site's node-auth key with the SuperLink through Flower's own CLI."""
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.pki import PkiLayout, load_registry
 
     layout = PkiLayout(Path(args.dir))
@@ -121,6 +125,7 @@ def _exec(cmd: list[str], dry_run: bool) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.pki import PkiLayout
     from fedllm.secure.preflight import check_superlink
 
@@ -176,6 +181,7 @@ def supernode_command(
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.preflight import check_site
 
     site_dir = Path(args.site_dir)
@@ -191,25 +197,9 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     return _exec(cmd + list(args.flower_args), args.dry_run)
 
 
-def cmd_federation_add(args: argparse.Namespace) -> int:
-    """A Flower connection to a deployed SuperLink, written with Flower's own helpers."""
-    from flwr.cli.flower_config import init_flwr_config, write_superlink_connection
-    from flwr.cli.typing import SuperLinkConnection
-
-    ca = Path(args.root_certificates).resolve()
-    if not ca.is_file():
-        raise KeyFileError(f"--root-certificates: no file at {ca}.")
-    init_flwr_config()
-    write_superlink_connection(
-        SuperLinkConnection(name=args.name, address=args.address, root_certificates=str(ca))
-    )
-    print(f"Flower connection '{args.name}' -> {args.address} (TLS, CA {ca}).")
-    print(f"Run with: flwr run . {args.name} --stream --run-config configs/deploy.toml")
-    return 0
-
-
-def add_deploy_parsers(sub: Any) -> None:
-    """`pki`, `superlink`, `supernode` and `federation add` under the main parser."""
+def add_parsers(sub: Any) -> None:
+    """`pki`, `superlink` and `supernode` under the main parser (`federation add` is in
+    `fedllm.cli.federation`)."""
     pki = sub.add_parser("pki", help="certificates and keys for a multi-site deployment")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
     init = pki_sub.add_parser("init", help="make the CA, the SuperLink cert and site keys")
@@ -256,11 +246,3 @@ def add_deploy_parsers(sub: Any) -> None:
     node.add_argument("--dry-run", action="store_true", help="check and print the command")
     node.add_argument("flower_args", nargs="*", help="after --: passed to flower-supernode")
     node.set_defaults(func=cmd_supernode)
-
-
-def add_federation_parser(fed: Any) -> None:
-    add = fed.add_parser("add", help="add a Flower connection to a deployed TLS SuperLink")
-    add.add_argument("name", help="connection name, e.g. fedllm-deploy")
-    add.add_argument("--address", required=True, help="host:port of the SuperLink")
-    add.add_argument("--root-certificates", required=True, help="the federation's ca.pem")
-    add.set_defaults(func=cmd_federation_add)

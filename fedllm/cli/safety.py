@@ -1,6 +1,6 @@
 """`fedllm safety ...`: measure a content-safety filter on a labelled set.
 
-Each subcommand is one flat `add_parser` block in `add_safety_parsers`, so subcommands owned by
+Each subcommand is one flat `add_parser` block in `add_parsers`, so subcommands owned by
 different modules (`eval` here, `train` and `build-sets` by the filters) are added independently.
 """
 
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_safety_parsers", "default_eval_dir"]
+__all__ = ["add_parsers", "default_eval_dir"]
 
 
 def _slug(text: str) -> str:
@@ -30,6 +30,7 @@ def default_eval_dir(filter_spec: str, data_spec: str) -> Path:
 
 
 def cmd_safety_eval(args: argparse.Namespace) -> int:
+    # heavy: the safety modules (numpy) take ~0.5 s to import; keeps `fedllm --help` fast
     from fedllm.safety.evaluation import (
         check_arguments,
         check_data,
@@ -68,6 +69,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_safety_train(args: argparse.Namespace) -> int:
+    # heavy: the safety modules (numpy) take ~0.5 s to import; keeps `fedllm --help` fast
     from fedllm.safety.embedding import train_embedding_filter
     from fedllm.safety.labelled import load_labelled
 
@@ -84,6 +86,7 @@ def cmd_safety_train(args: argparse.Namespace) -> int:
 
 
 def cmd_safety_build_sets(args: argparse.Namespace) -> int:
+    # heavy: the safety modules (numpy) take ~0.5 s to import; keeps `fedllm --help` fast
     from fedllm.safety.bundled import DATA_DIR, check_sets, write_sets
 
     if args.check:
@@ -98,7 +101,7 @@ def cmd_safety_build_sets(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_safety_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """`safety eval`, and the filters' `safety train` and `safety build-sets`."""
     safety = sub.add_parser("safety", help="content-safety filters: evaluate, train, build sets")
     safety_sub = safety.add_subparsers(dest="safety_command", required=True)
