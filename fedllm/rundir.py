@@ -20,7 +20,7 @@ import numpy as np
 from fedllm.config import FedllmConfig, SafetyConfig, config_hash
 from fedllm.errors import RunDirError
 
-__all__ = ["LEDGER_FILE", "RunDir", "write_json_atomic"]
+__all__ = ["EMPIRICAL_AUDIT", "LEDGER_FILE", "RunDir", "write_json_atomic"]
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
@@ -32,6 +32,8 @@ AUDIT_DIR = "audit"
 SITES_DIR = "sites"
 PROGRESS_PLOT = "progress.png"
 AUDIT_REPORT = "audit-report"  # .md and .html
+EMPIRICAL_AUDIT = Path(AUDIT_DIR) / "empirical.json"  # `fedllm audit canaries`
+CANARY_CLIENTS_AUDIT = Path(AUDIT_DIR) / "canary-clients.json"  # the coordinator's
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -131,11 +133,11 @@ class RunDir:
 
     @property
     def canary_clients_audit_path(self) -> Path:
-        return self.path / AUDIT_DIR / "canary-clients.json"
+        return self.path / CANARY_CLIENTS_AUDIT
 
     @property
     def empirical_audit_path(self) -> Path:
-        return self.path / AUDIT_DIR / "empirical.json"
+        return self.path / EMPIRICAL_AUDIT
 
     @property
     def summary_path(self) -> Path:

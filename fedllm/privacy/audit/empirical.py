@@ -40,13 +40,13 @@ from fedllm.privacy.audit.canaries import (
 from fedllm.privacy.audit.directions import GRADIENTS, CanaryDirections
 from fedllm.privacy.audit.lower_bound import one_run_audit
 from fedllm.privacy.ledger import DP_SGD, USER_GAUSSIAN, Ledger
-from fedllm.rundir import write_json_atomic
+from fedllm.rundir import EMPIRICAL_AUDIT, RunDir, write_json_atomic
 from fedllm.secure.at_rest import AtRestKey, stored_file
 from fedllm.train import example_losses
 
 __all__ = ["AUDIT_FILE", "AuditBugError", "audit_run", "proven_epsilon"]
 
-AUDIT_FILE = Path("audit") / "empirical.json"
+AUDIT_FILE = EMPIRICAL_AUDIT  # relative to the run directory
 
 
 class AuditBugError(FedllmError):
@@ -166,7 +166,7 @@ def audit_run(
         )
     saved = _final_adapter(path, summary, at_rest)
     site = audit.canary_site
-    records = Ledger(path / "ledger.jsonl", key=at_rest).records()
+    records = Ledger(RunDir.at(path).ledger_path, key=at_rest).records()
     proven, proven_delta, source = proven_epsilon(records, site)
     n_site = (summary.get("sites", {}).get(str(site)) or {}).get("num_examples") or 1
     delta = proven_delta if proven_delta is not None else default_delta(int(n_site))
@@ -190,7 +190,7 @@ def audit_run(
     result["epsilon_lower_bound"] = max(bounds.values(), default=0.0)
     bug = {k: b for k, b in bounds.items() if b > proven}
     result["status"] = "BUG" if bug else "consistent"
-    out = path / AUDIT_FILE
+    out = RunDir.at(path).empirical_audit_path
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     if bug:

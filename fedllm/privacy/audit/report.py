@@ -16,6 +16,7 @@ from fedllm.plots import png_base64
 from fedllm.privacy.accounting import MECHANISMS, epsilon_curve
 from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, Ledger
 from fedllm.privacy.verify import plausible, verify_records
+from fedllm.rundir import RunDir
 from fedllm.secure.at_rest import AtRestKey
 
 __all__ = ["build_report"]
@@ -159,7 +160,8 @@ def _empirical_tables(
     """Lower bounds beside the proven ε, and secret exposures, from `fedllm audit canaries`
     (audit/empirical.json) and the server's canary clients (audit/canary-clients.json)."""
     rows, exposures, bugs = [], [], []
-    record = run_dir / "audit" / "empirical.json"
+    run = RunDir.at(run_dir)
+    record = run.empirical_audit_path
     if record.is_file():
         r = json.loads(record.read_text(encoding="utf-8"))
         for kind, label in (
@@ -189,7 +191,7 @@ def _empirical_tables(
             )
         if r.get("status") == "BUG":
             bugs.append(f"{record}: an empirical lower bound exceeds the proven epsilon")
-    clients = run_dir / "audit" / "canary-clients.json"
+    clients = run.canary_clients_audit_path
     if clients.is_file():
         c = json.loads(clients.read_text(encoding="utf-8"))
         rows.append(
@@ -223,9 +225,10 @@ def build_report(
     """Write `audit-report.html` and `audit-report.md` into `run_dir`; returns their paths
     and the ledger problems found (empty when the ledger verifies). A sealed ledger is
     opened under `at_rest`; the report itself is plaintext, for the auditor."""
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    records = Ledger(run_dir / "ledger.jsonl", key=at_rest).records()
+    run = RunDir.at(run_dir)
+    summary = json.loads(run.summary_path.read_text(encoding="utf-8"))
+    config = json.loads(run.config_path.read_text(encoding="utf-8"))
+    records = Ledger(run.ledger_path, key=at_rest).records()
     problems = verify_records(records)
     sites = _histories(records)
     tables = _tables(summary, sites)
@@ -267,7 +270,7 @@ def build_report(
     ]
     md = _markdown(facts, tables, summary)
     page = _html(facts, tables, plots, summary)
-    md_path, html_path = run_dir / "audit-report.md", run_dir / "audit-report.html"
+    md_path, html_path = run.audit_report_paths()
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
     return html_path, md_path, problems + bugs
