@@ -8,7 +8,9 @@ import pytest
 from fedllm.errors import ConfigError
 from fedllm.privacy.userdp import (
     UserDPSettings,
+    adaptive_update_noise,
     clip_update,
+    l2_norm,
     noisy_mean_update,
     poisson_sample,
     update_clip_norm,
@@ -129,3 +131,37 @@ def test_user_level_mode_refuses_zero_noise() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ConfigError, match="privacy.user-noise-multiplier"):
         UserDPSettings(noise_multiplier=0.0, clip_norm=1.0, sample_rate=1.0, num_sites=3)
+
+
+def test_clipping_gives_flowers_numbers_bit_for_bit() -> None:
+    """`clip_update` and `l2_norm` replace Flower's `clip_inputs_inplace`/`get_norm` (fedllm's
+    maths imports no Flower) and must give exactly the numbers those gave."""
+    # Prepare
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+    updates = [_update(scale, seed) for seed, scale in enumerate((10.0, 1.0, 1e-3, 0.3))]
+    for update in updates:
+        as_float64 = [np.array(update[n], dtype=np.float64) for n in SHAPES]
+        expected = [a.copy() for a in as_float64]
+        flower_norm = get_norm(expected)
+        clip_inputs_inplace(expected, 0.5)
+        # Execute
+        clipped, norm = clip_update(update, 0.5)
+        # Assert
+        assert norm == flower_norm == l2_norm(as_float64)
+        assert all(np.array_equal(clipped[n], e) for n, e in zip(SHAPES, expected, strict=True))
+
+
+def test_the_adaptive_noise_split_gives_flowers_numbers() -> None:
+    """z_Δ is what Flower's `compute_adaptive_noise_params` returned for the same z and σ_b
+    (the run's numbers do not change with the rewrite)."""
+    # Prepare
+    from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+    settings = UserDPSettings(
+        noise_multiplier=0.8, clip_norm=1.0, sample_rate=0.5, num_sites=200, adaptive=True
+    )
+    # Execute
+    _, flower = compute_adaptive_noise_params(0.8, settings.expected_sites, settings.count_noise)
+    # Assert
+    assert settings.update_noise_multiplier == flower == adaptive_update_noise(0.8, 5.0)

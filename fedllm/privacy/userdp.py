@@ -16,13 +16,17 @@ than S / (q·N).
 Why not Flower's `DifferentialPrivacy*Clipping` wrappers as they are: they divide by the
 number of replies (the inner strategy's weighted mean) while adding noise scaled to a fixed
 `num_sampled_clients`, they sample a fixed number of nodes (the Poisson-sampled Gaussian
-accountants do not cover that), and they draw noise from numpy's global, seedable RNG. We do
-reuse their helpers: `compute_adaptive_noise_params` (the noise split between the update and
-the clipped-count query) and `clip_inputs_inplace`/`get_norm`.
+accountants do not cover that), and they draw noise from numpy's global, seedable RNG. Their
+helpers (`flwr.supercore.differential_privacy`: `compute_adaptive_noise_params`, the noise split
+between the update and the clipped-count query, and `clip_inputs_inplace`/`get_norm`) are
+rewritten here as `adaptive_update_noise`, `clip_update` and `l2_norm`, number for number: only
+the apps, `fedllm/strategy/`, `fedllm/mods/` and `fedllm/wire.py` may import Flower, and this
+module is pure maths.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -35,12 +39,16 @@ from fedllm.errors import ConfigError
 __all__ = [
     "UserDPRound",
     "UserDPSettings",
+    "adaptive_update_noise",
     "clip_update",
+    "l2_norm",
     "noisy_mean_update",
     "poisson_sample",
     "secure_rng",
     "update_clip_norm",
 ]
+
+log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -101,8 +109,6 @@ class UserDPSettings:
         """z_Δ, the multiplier applied to the update sum (equals z with fixed clipping)."""
         if not self.adaptive or self.noise_multiplier == 0:
             return self.noise_multiplier
-        from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-
         if self.noise_multiplier >= 2 * self.count_noise:
             raise ConfigError(
                 f"config key 'privacy.user-count-stddev' = {self.count_noise:g} is too small for "
@@ -110,10 +116,24 @@ class UserDPSettings:
                 f"it must exceed z/2 = {self.noise_multiplier / 2:g} (with "
                 f"{self.expected_sites:g} expected sites the default is sites/20)."
             )
-        _, z_delta = compute_adaptive_noise_params(
-            self.noise_multiplier, self.expected_sites, self.count_noise
+        return adaptive_update_noise(self.noise_multiplier, self.count_noise)
+
+
+def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
+    """z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2): the update's noise multiplier when a count query with std
+    σ_b shares the budget of an effective multiplier z (Andrew et al. 2021, arXiv 1905.03871).
+
+    The same expression, and the same warning, as Flower's `compute_adaptive_noise_params`
+    (1.41), so a run gives the numbers it gave when that helper was called; needs z < 2σ_b.
+    """
+    z_delta = (noise_multiplier ** (-2) - (2 * count_stddev) ** (-2)) ** -0.5
+    if z_delta / noise_multiplier >= 2:
+        log.warning(
+            "A significant amount of noise (%s) has to be added. Consider increasing "
+            "`clipped_count_stddev` or `num_sampled_clients`.",
+            z_delta / noise_multiplier,
         )
-        return float(z_delta)
+    return float(z_delta)
 
 
 @dataclass(frozen=True)
@@ -129,15 +149,24 @@ class UserDPRound:
     norms: tuple[float, ...]
 
 
-def clip_update(update: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
-    """`update` scaled down to L2 norm at most `clip_norm` (over all tensors), and its norm."""
-    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+def l2_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The L2 norm of all `arrays` flattened together (as Flower's `get_norm` computes it)."""
+    return float(np.sqrt(sum([np.linalg.norm(a.flat) ** 2 for a in arrays])))
 
+
+def clip_update(update: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled down to L2 norm at most `clip_norm` (over all tensors), and its norm.
+
+    Flat clipping (McMahan et al. 2018): every tensor times min(1, S / ‖Δ‖), as Flower's
+    `clip_inputs_inplace` does.
+    """
     names = list(update)
     values = [np.array(update[n], dtype=np.float64) for n in names]
-    norm = float(get_norm(values))
-    if norm > 0:  # Flower's helper divides by the norm; a zero update needs no clipping
-        clip_inputs_inplace(values, clip_norm)
+    norm = l2_norm(values)
+    if norm > 0:  # the factor divides by the norm; a zero update needs no clipping
+        scale = min(1, clip_norm / norm)
+        for value in values:
+            value *= scale
     return dict(zip(names, values, strict=True)), norm
 
 
