@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.errors import ConfigError
+from fedllm.secure.he_params import HEParams, problems
 from fedllm.strategy.flower import STRATEGIES as FLOWER_STRATEGIES
 
 __all__ = [
@@ -458,8 +459,6 @@ class HEConfig:
     )
 
     def __post_init__(self) -> None:
-        from fedllm.secure.he_params import problems
-
         for key, why in problems(self.params):
             value = {
                 "he.poly-modulus-degree": self.poly_modulus_degree,
@@ -469,9 +468,7 @@ class HEConfig:
             _require(False, key, value, why)
 
     @property
-    def params(self) -> Any:
-        from fedllm.secure.he_params import HEParams
-
+    def params(self) -> HEParams:
         return HEParams.parse(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits)
 
 
