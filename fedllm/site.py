@@ -330,10 +330,12 @@ def run_evaluate(
 # partition (~0.5 s) each time is pure waste. It is a deterministic function of the key, so a
 # small per-process memo is safe.
 def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[SiteData, object]:
-    """This site's data and the tokenizer, memoised per (data, model, eval, safety, seed)."""
+    """This site's data and the tokenizer, memoised per every setting `load_site_data` reads:
+    the data, model (tokenizer), eval, safety and audit sections, train.device (the safety
+    filter's device) and run.seed."""
     key = json.dumps(
-        [cfg.to_dict()[k] for k in ("data", "model", "eval", "safety")]
-        + [cfg.run.seed, site, num_sites],
+        [cfg.to_dict()[k] for k in _SITE_DATA_SECTIONS]
+        + [cfg.train.device, cfg.run.seed, site, num_sites],
         sort_keys=True,
     )
     if key not in _SITE_DATA:
@@ -346,4 +348,7 @@ def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[Site
 
 
 _MAX_CACHED_SITES = 8
+# The config sections `load_site_data` (and the tokenizer) read; a new setting it reads joins
+# the key in `site_data_for`, or a changed value would be served stale data.
+_SITE_DATA_SECTIONS = ("data", "model", "eval", "safety", "audit")
 _SITE_DATA: dict[str, tuple[SiteData, object]] = {}
