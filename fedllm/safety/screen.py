@@ -39,7 +39,8 @@ from fedllm.safety.labelled import BUNDLED_PREFIX, load_labelled
 from fedllm.safety.refusal import refusal_phrases
 
 if TYPE_CHECKING:
-    from fedllm.config import FedllmConfig, SafetyConfig
+    from fedllm.config import FedllmConfig
+    from fedllm.safety.config import SafetyConfig
 
 __all__ = [
     "BUNDLED_PREFIX",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedllm.config import AuditConfig
+from fedllm.privacy.audit.config import AuditConfig
 
 __all__ = [
     "CanarySet",
