@@ -5,6 +5,7 @@ the stages and the mods use it; nothing else in `fedllm/` touches Flower records
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,10 @@ __all__ = [
     "HE",
     "METRICS",
     "REFUSAL",
+    "EVALUATE_FIGURES",
+    "TRAIN_FIGURES",
     "arrays_to_record",
+    "check_figures",
     "ciphertexts_to_record",
     "epsilon_key",
     "evaluate_metrics",
@@ -114,22 +118,93 @@ def record_bytes(record: ArrayRecord) -> int:
 
 def reply_site(content: RecordDict) -> int:
     """The partition id a reply claims to come from (checked by the signature stage)."""
-    return int(content[METRICS][SITE])
+    site = content[METRICS][SITE]
+    if isinstance(site, bool) or not isinstance(site, int) or site < 0:
+        raise InvalidUpdateError(f"metric '{SITE}' = {site!r} is not a partition id.")
+    return site
 
 
-def spend_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+# What the coordinator reads from a reply, and of what kind: "count" a non-negative int,
+# "number" any real number but NaN (a non-DP site reports epsilon = inf), "finite" a finite
+# one. The summary, the ledger and the aggregate read exactly these, so a reply lacking one,
+# or carrying another kind of value, is rejected before anything reads it.
+TRAIN_FIGURES = {
+    SITE: "count",
+    NUM_EXAMPLES: "count",
+    "train-loss": "finite",
+    "epsilon": "number",
+    "delta": "number",
+    "noise-multiplier": "number",
+}
+EVALUATE_FIGURES = {
+    SITE: "count",
+    "eval-loss": "finite",
+    "perplexity": "number",
+    "eval-tokens": "count",
+}
+SPEND_FIGURES = {
+    "noise-multiplier": "finite",
+    "sample-rate": "finite",
+    "steps": "count",
+    "max-grad-norm": "finite",
+    "delta": "finite",
+    **{f"epsilon-{m}": "finite" for m in MECHANISMS},
+}
+_HISTORY_FIGURES = {
+    "spent-rounds": "count",
+    "spent-sigma": "finite",
+    "spent-q": "finite",
+    "spent-steps": "count",
+}
+
+
+def _is(kind: str, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if kind == "count":
+        return isinstance(value, int) and value >= 0
+    return not math.isnan(value) and (kind == "number" or math.isfinite(value))
+
+
+def check_figures(metrics: Mapping[str, Any], figures: Mapping[str, str], *, sender: str) -> None:
+    """Raise `InvalidUpdateError` naming the first figure that is missing or not of its kind."""
+    for key, kind in figures.items():
+        if key not in metrics:
+            raise InvalidUpdateError(f"{sender}: reply lacks the metric '{key}'.")
+        if not _is(kind, metrics[key]):
+            raise InvalidUpdateError(
+                f"{sender}: metric '{key}' = {metrics[key]!r} is not a {kind} value."
+            )
+
+
+def spend_metrics(metrics: Mapping[str, Any], *, sender: str = "a site") -> dict[str, Any] | None:
     """A training reply's record-level DP-SGD spend as typed values for the run ledger, or
-    None when the reply reports none (no record-level DP at that site)."""
+    None when the reply reports none (no record-level DP at that site). A spend that is not
+    well formed (a figure missing, NaN, of the wrong kind, or a spend history whose lists
+    differ in length) raises `InvalidUpdateError`: nothing of it may reach the ledger."""
     if "epsilon-prv" not in metrics:
         return None
+    check_figures(metrics, {SITE: "count", **SPEND_FIGURES}, sender=sender)
+    history = [k for k in _HISTORY_FIGURES if k in metrics]
+    if history:
+        if len(history) != len(_HISTORY_FIGURES):
+            raise InvalidUpdateError(f"{sender}: spend history lacks some of the spent-* lists.")
+        lists = [metrics[k] for k in _HISTORY_FIGURES]
+        if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+            raise InvalidUpdateError(
+                f"{sender}: spend history lists spent-* differ in length or are not lists."
+            )
+        for key, kind in _HISTORY_FIGURES.items():
+            if not all(_is(kind, v) for v in metrics[key]):
+                raise InvalidUpdateError(f"{sender}: spend history '{key}' has a bad value.")
     return {
         "site": int(metrics[SITE]),
-        "noise_multiplier": metrics["noise-multiplier"],
-        "sample_rate": metrics["sample-rate"],
+        "noise_multiplier": float(metrics["noise-multiplier"]),
+        "sample_rate": float(metrics["sample-rate"]),
         "steps": int(metrics["steps"]),
-        "max_grad_norm": metrics["max-grad-norm"],
-        "delta": metrics["delta"],
-        "epsilons": {m: metrics[f"epsilon-{m}"] for m in MECHANISMS},
+        "max_grad_norm": float(metrics["max-grad-norm"]),
+        "delta": float(metrics["delta"]),
+        "epsilons": {m: float(metrics[f"epsilon-{m}"]) for m in MECHANISMS},
     }
 
 

@@ -73,7 +73,17 @@ def _two_of_three(run: FederatedRun) -> list[Message]:
         content = RecordDict(
             {
                 ARRAYS: ciphertexts_to_record(blobs),
-                METRICS: MetricRecord({SITE: s, NUM_EXAMPLES: 10, HE_WEIGHT: 1 / 3}),
+                METRICS: MetricRecord(
+                    {
+                        SITE: s,
+                        NUM_EXAMPLES: 10,
+                        HE_WEIGHT: 1 / 3,
+                        "train-loss": 1.0,
+                        "epsilon": float("inf"),  # no record-level DP in this run
+                        "delta": 0.0,
+                        "noise-multiplier": 0.0,
+                    }
+                ),
                 HE: ConfigRecord({"key-id": site.key, "sha256": payload_digest(blobs)}),
             }
         )

@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.common.logger import log
 
+from fedllm.errors import InvalidUpdateError
 from fedllm.wire import reply_site
 
 __all__ = ["RunBook"]
@@ -47,7 +48,7 @@ class RunBook:
         log(WARNING, "fedllm: rejected %s reply: %s", phase, error)
         try:
             site: int | None = reply_site(reply.content)
-        except (KeyError, ValueError, TypeError):
+        except (InvalidUpdateError, KeyError, ValueError, TypeError):
             site = None
         node = reply.metadata.src_node_id
         self.data.setdefault("rejected", []).append(

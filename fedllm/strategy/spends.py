@@ -32,7 +32,8 @@ class Spends(Stage):
     def record_spend(self, server_round: int, reply: Message) -> None:
         """Append the reply's spend (and any spend of earlier rounds the run ledger lacks)."""
         metrics = dict(reply.content[METRICS])
-        spend = spend_metrics(metrics) if self.cfg.privacy.record_level else None
+        sender = f"site {metrics.get('site')} (node {reply.metadata.src_node_id})"
+        spend = spend_metrics(metrics, sender=sender) if self.cfg.privacy.record_level else None
         if spend is None:
             return
         run_id = self.cfg.run.name

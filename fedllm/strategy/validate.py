@@ -7,14 +7,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.strategy.base import RunContext, RunStopped, Stage
 from fedllm.validate import check_update
-from fedllm.wire import ARRAYS, METRICS, record_to_arrays, reply_site
+from fedllm.wire import (
+    ARRAYS,
+    EVALUATE_FIGURES,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE,
+    TRAIN_FIGURES,
+    check_figures,
+    record_to_arrays,
+    reply_site,
+)
 
 __all__ = ["Validate"]
 
@@ -30,7 +40,9 @@ class Validate(Stage):
         self.sent: dict[int, int] = {}
 
     def check(self, reply: Message, sender: str) -> None:
-        """Raise `InvalidUpdateError` unless the reply carries a valid update."""
+        """Raise `InvalidUpdateError` unless the reply carries every figure the run reads
+        and a valid update."""
+        check_figures(reply.content[METRICS], TRAIN_FIGURES, sender=sender)
         if self.ctx.update_check is not None:
             self.ctx.update_check(reply, sender)
             return
@@ -56,7 +68,7 @@ class Validate(Stage):
                 book.reject(server_round, reply, "train", e)
                 continue
             book.record("trains", server_round, site, dict(reply.content[METRICS]))
-            valid.append(reply)
+            valid.append(_for_aggregation(reply))
         needed = self.cfg.run.min_sites
         if self.ctx.sampled_by_design:  # Poisson sampling may pick fewer sites by design
             needed = min(needed, self.sent.get(server_round, needed))
@@ -81,8 +93,26 @@ class Validate(Stage):
             try:
                 site = reply_site(reply.content)
                 metrics = dict(reply.content[METRICS])
-            except (KeyError, ValueError, TypeError) as e:
+                sender = f"site {site} (node {reply.metadata.src_node_id})"
+                check_figures(metrics, EVALUATE_FIGURES, sender=sender)
+            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
                 self.ctx.book.reject(server_round, reply, "evaluate", e)
                 continue
             self.ctx.book.record("evals", server_round, site, metrics)
         return None
+
+
+def _for_aggregation(reply: Message) -> Message:
+    """The reply as the stages further in and the Flower strategy see it: the update, its
+    weight and its site. Flower's metric averaging (which fedllm does not use: each site's
+    figures are in the run's book) refuses replies whose metrics differ in keys or list
+    lengths, so a site that missed a round would otherwise stop the coordinator."""
+    metrics = reply.content[METRICS]
+    content = RecordDict(
+        {
+            ARRAYS: reply.content[ARRAYS],
+            METRICS: MetricRecord({NUM_EXAMPLES: metrics[NUM_EXAMPLES], SITE: metrics[SITE]}),
+            **{name: record for name, record in reply.content.config_records.items()},
+        }
+    )
+    return Message(content=content, metadata=reply.metadata)
