@@ -24,6 +24,7 @@ from fedllm.mods.context import partition, site_config
 from fedllm.privacy.backfill import history_metrics
 from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.ledger import Ledger
+from fedllm.rundir import RunDir
 from fedllm.secure.at_rest import configured_key
 from fedllm.site import PrivacyState, run_evaluate, run_train, site_data_for, spend_record
 
@@ -56,7 +57,7 @@ def _site_ledger(cfg: FedllmConfig, context: Context, site: int) -> Ledger:
     root = context.node_config.get("state-dir")
     base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
     key = configured_key(str(context.node_config.get("at-rest-key") or cfg.security.at_rest_key))
-    return Ledger(base / "sites" / f"site-{site}" / "ledger.jsonl", key=key)
+    return Ledger(RunDir.site_ledger_path(base, site), key=key)
 
 
 def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
