@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config
+from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config, verb_group
 from fedllm.errors import RunDirError
 from fedllm.privacy.ledger import Ledger
 
@@ -90,9 +90,7 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`audit verify`, `audit report` and `audit canaries`."""
-    audit = sub.add_parser("audit", help="privacy audits").add_subparsers(
-        dest="audit_command", required=True
-    )
+    audit = verb_group(sub, "audit", "privacy audits")
     verify = audit.add_parser("verify", help="check the ledgers' hash chains and recompute every ε")
     verify.add_argument("run", help="outputs/<run-name>")
     verify.add_argument("--at-rest-key", help=AT_REST_HELP)

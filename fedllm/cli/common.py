@@ -1,4 +1,5 @@
-"""What several verb groups share: reading a run directory and the key that opens it."""
+"""What several verb groups share: their parser, reading a run directory and the key that
+opens it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fedllm.config import FedllmConfig, flatten, parse_config
 from fedllm.errors import RunDirError
 from fedllm.secure.at_rest import AtRestKey, configured_key
 
-__all__ = ["AT_REST_HELP", "at_rest_key", "load_run", "run_config"]
+__all__ = ["AT_REST_HELP", "at_rest_key", "load_run", "run_config", "verb_group"]
 
 AT_REST_HELP = "the at-rest key file, if not the one the run's security.at-rest-key names"
 
@@ -46,3 +47,10 @@ def at_rest_key(args: argparse.Namespace, run: Path) -> AtRestKey | None:
 def run_config(config: dict[str, Any]) -> FedllmConfig:
     """The typed config of a run, from its config.json."""
     return parse_config(flatten(config["config"]))
+
+
+def verb_group(sub: Any, name: str, help_text: str) -> Any:
+    """`fedllm NAME ...`: a verb whose subcommands the caller adds (one is required)."""
+    return sub.add_parser(name, help=help_text).add_subparsers(
+        dest=f"{name}_command", required=True
+    )

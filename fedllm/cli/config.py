@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fedllm.cli.common import verb_group
 from fedllm.config import known_keys
 
 __all__ = ["add_parsers"]
@@ -20,7 +21,5 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`config keys`."""
-    config = sub.add_parser("config", help="configuration").add_subparsers(
-        dest="config_command", required=True
-    )
+    config = verb_group(sub, "config", "configuration")
     config.add_parser("keys", help="list every run-config key").set_defaults(func=cmd_config_keys)

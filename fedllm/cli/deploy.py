@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from fedllm.cli.common import verb_group
 from fedllm.errors import FedllmError
 
 __all__ = ["add_parsers", "supernode_command"]
@@ -200,8 +201,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     """`pki`, `superlink` and `supernode` under the main parser (`federation add` is in
     `fedllm.cli.federation`)."""
-    pki = sub.add_parser("pki", help="certificates and keys for a multi-site deployment")
-    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    pki_sub = verb_group(sub, "pki", "certificates and keys for a multi-site deployment")
     init = pki_sub.add_parser("init", help="make the CA, the SuperLink cert and site keys")
     init.add_argument("--out", default=DEFAULT_PKI)
     init.add_argument("--hosts", required=True, help="names/IPs the sites dial, comma-separated")

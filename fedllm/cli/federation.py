@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedllm.cli.common import verb_group
 from fedllm.errors import KeyFileError
 
 __all__ = ["add_parsers"]
@@ -84,9 +85,7 @@ def cmd_federation_add(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`federation setup` (a local simulation) and `federation add` (a deployed SuperLink)."""
-    fed = sub.add_parser("federation", help="Flower federations").add_subparsers(
-        dest="federation_command", required=True
-    )
+    fed = verb_group(sub, "federation", "Flower federations")
     setup = fed.add_parser("setup", help="add a local simulation federation to Flower's config")
     setup.add_argument("--sites", type=int, default=3)
     setup.add_argument("--cpus", type=int, default=2, help="CPUs per simulated site")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config
+from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config, verb_group
 from fedllm.errors import RunDirError
 
 __all__ = ["add_parsers"]
@@ -43,9 +43,7 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`he decrypt`."""
-    he = sub.add_parser("he", help="homomorphic aggregation").add_subparsers(
-        dest="he_command", required=True
-    )
+    he = verb_group(sub, "he", "homomorphic aggregation")
     dec = he.add_parser("decrypt", help="decrypt an HE run's adapter (at a site) to peft format")
     dec.add_argument("run", help="outputs/<run-name> (a copy of the coordinator's run dir)")
     dec.add_argument("--context", help="the site's secret.context (default: he.site-context)")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedllm.cli.common import verb_group
 from fedllm.config import HEConfig, parse_config
 from fedllm.secure.at_rest import make_key_file
 
@@ -48,9 +49,7 @@ def cmd_keys_at_rest_init(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`keys he-init` and `keys at-rest-init`."""
-    keys = sub.add_parser("keys", help="key ceremonies").add_subparsers(
-        dest="keys_command", required=True
-    )
+    keys = verb_group(sub, "keys", "key ceremonies")
     he_init = keys.add_parser(
         "he-init",
         help="make the CKKS keys: a secret context for sites, a public one for the server",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fedllm.cli.common import verb_group
 from fedllm.config import ModelConfig
 
 __all__ = ["add_parsers"]
@@ -21,9 +22,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`model prepare`."""
-    model = sub.add_parser("model", help="base models").add_subparsers(
-        dest="model_command", required=True
-    )
+    model = verb_group(sub, "model", "base models")
     prep = model.add_parser("prepare", help="cache a model (GGUF -> safetensors) for fast loads")
     prep.add_argument("--name", default="embedded:smollm2-135m-instruct")
     prep.add_argument("--gguf-file", default="")

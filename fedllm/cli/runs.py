@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedllm.cli.common import load_run
+from fedllm.cli.common import load_run, verb_group
 from fedllm.plots import plot_run
 
 __all__ = ["add_parsers"]
@@ -53,9 +53,7 @@ def cmd_runs_plot(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`runs show` and `runs plot`."""
-    runs = sub.add_parser("runs", help="inspect run directories").add_subparsers(
-        dest="runs_command", required=True
-    )
+    runs = verb_group(sub, "runs", "inspect run directories")
     show = runs.add_parser("show", help="print a run's summary")
     show.add_argument("run", help="outputs/<run-name>")
     show.add_argument("--json", action="store_true", help="print summary.json as is")

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedllm.cli.common import verb_group
+
 __all__ = ["add_parsers", "default_eval_dir"]
 
 
@@ -103,8 +105,7 @@ def cmd_safety_build_sets(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """`safety eval`, and the filters' `safety train` and `safety build-sets`."""
-    safety = sub.add_parser("safety", help="content-safety filters: evaluate, train, build sets")
-    safety_sub = safety.add_subparsers(dest="safety_command", required=True)
+    safety_sub = verb_group(sub, "safety", "content-safety filters: evaluate, train, build sets")
 
     ev = safety_sub.add_parser("eval", help="measure a filter on a labelled set (JSON + HTML)")
     ev.add_argument("--filter", required=True, help="lexicon, embedding:DIR, hf:ID, guard:ID, ...")
