@@ -29,6 +29,7 @@ from fedllm.privacy.audit.config import AuditConfig
 from fedllm.privacy.config import PrivacyConfig
 from fedllm.safety.config import SafetyConfig
 from fedllm.secure.config import HEConfig, SecurityConfig
+from fedllm.strategy.config import ValidateConfig
 from fedllm.strategy.flower import STRATEGIES as FLOWER_STRATEGIES
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "PrivacyConfig",
     "RunConfig",
     "SafetyConfig",
+    "ValidateConfig",
     "SecurityConfig",
     "StrategyConfig",
     "TrainConfig",
@@ -264,6 +266,7 @@ class FedllmConfig:
     he: HEConfig = field(default_factory=HEConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -413,6 +416,11 @@ def _check_he(cfg: FedllmConfig) -> None:
 
 
 def config_hash(cfg: FedllmConfig) -> str:
-    """SHA-256 of the resolved config, so a report can prove which settings a run used."""
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    """SHA-256 of the resolved config, so a report can prove which settings a run used. A
+    section added after runs were made is left out while it holds its defaults, so those
+    runs keep their hash."""
+    d = cfg.to_dict()
+    if d["validate"] == dataclasses.asdict(ValidateConfig()):
+        del d["validate"]
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

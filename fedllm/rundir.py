@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.config import FedllmConfig, SafetyConfig, config_hash
+from fedllm.config import FedllmConfig, SafetyConfig, ValidateConfig, config_hash
 from fedllm.errors import RunDirError
 
 __all__ = ["EMPIRICAL_AUDIT", "LEDGER_FILE", "RunDir", "write_json_atomic"]
@@ -61,8 +61,9 @@ def _resume_key(cfg: FedllmConfig) -> str:
     d = cfg.to_dict()
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("rounds", "timeout")}
     d["security"] = {k: v for k, v in d["security"].items() if k not in _KEY_LOCATIONS}
-    if d["safety"] == dataclasses.asdict(SafetyConfig()):
-        del d["safety"]  # runs made before safety screening existed still resume
+    for name, section in (("safety", SafetyConfig), ("validate", ValidateConfig)):
+        if d[name] == dataclasses.asdict(section()):
+            del d[name]  # runs made before the section existed still resume
     return json.dumps(d, sort_keys=True)
 
 

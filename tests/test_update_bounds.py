@@ -1,0 +1,221 @@
+"""An update can neither overflow nor outweigh the aggregate (issue 15, items 6-8): its
+tensors in the declared dtype and within an L2 norm bound, its weight positive and no more
+than the site's own count fixed before round 1, and under HE the weight checked against
+that fixed count, not against what the same reply claims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm.config import parse_config
+from fedllm.errors import InvalidUpdateError
+from fedllm.model import adapter_spec
+from fedllm.rundir import RunDir
+from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, payload_digest, write_key_files
+from fedllm.secure.he_site import SiteHE
+from fedllm.strategy.loop import FederatedRun
+from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, arrays_to_record, ciphertexts_to_record
+from tests.replies import mock_reply
+
+TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
+
+
+def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "run.name": "r",
+            "run.output-dir": str(tmp_path),
+            "run.min-sites": 1,
+            "privacy.mode": "none",
+            **extra,
+        }
+    )
+    run = FederatedRun(
+        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
+    )
+    run.ctx.num_sites = 3
+    for site in range(3):  # round 0: each site's own count, fixed before round 1
+        run.ctx.book.record("evals", 0, site, {"train-examples": TRAIN_EXAMPLES})
+    run.strategy = run.pipeline.build()
+    run.pipeline.begin()
+    return run
+
+
+def _metrics(site: int, num_examples: Any = TRAIN_EXAMPLES) -> dict[str, Any]:
+    return {
+        "site": site,
+        "num-examples": num_examples,
+        "train-loss": 2.0,
+        "epsilon": float("inf"),
+        "delta": 0.0,
+        "noise-multiplier": 0.0,
+    }
+
+
+def _reply(run: FederatedRun, site: int, arrays: Any = None, **metrics: Any) -> Message:
+    if arrays is None:
+        arrays = {n: a + 0.01 for n, a in run.ctx.arrays.items()}
+    content = RecordDict(
+        {ARRAYS: arrays_to_record(arrays), METRICS: MetricRecord(_metrics(site, **metrics))}
+    )
+    return mock_reply(content, node_id=site + 1)
+
+
+def _rejections(run: FederatedRun, replies: list[Message]) -> list[str]:
+    assert run.strategy is not None
+    arrays, _ = run.strategy.aggregate_train(1, replies)
+    assert arrays is not None  # the other sites' updates were aggregated
+    return [r["reason"] for r in run.ctx.book.data.get("rejected", [])]
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda a: {n: v.astype(np.float64) for n, v in a.items()}, "dtype float64"),
+        (lambda a: {n: np.full(v.shape, 1e300) for n, v in a.items()}, "dtype float64"),
+        (lambda a: {n: v + 1e3 for n, v in a.items()}, "L2 norm"),
+    ],
+    ids=["float64", "float64-overflow", "huge-norm"],
+)
+def test_an_update_outside_the_declared_dtype_or_norm_bound_is_rejected(
+    tiny_model_dir: Path, tmp_path: Path, make: Any, named: str
+) -> None:
+    # Prepare
+    run = _run(tiny_model_dir, tmp_path)
+    bad = make({n: a.copy() for n, a in run.ctx.arrays.items()})
+    replies = [_reply(run, 0), _reply(run, 1, arrays=bad), _reply(run, 2)]
+    # Execute
+    reasons = _rejections(run, replies)
+    # Assert
+    assert len(reasons) == 1 and named in reasons[0] and "site 1" in reasons[0]
+
+
+def test_the_norm_bound_is_recorded_in_the_summary(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = _run(tiny_model_dir, tmp_path, **{"validate.max-update-norm": 5.0})
+    assert run.summary()["validation"]["max_update_norm"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("num_examples", "named"),
+    [
+        (-9, "num-examples"),
+        (0, "num-examples"),
+        (10 * TRAIN_EXAMPLES, "reported 100 before round 1"),
+    ],
+    ids=["negative", "zero", "ten-times-its-own"],
+)
+def test_a_weight_that_is_not_positive_or_exceeds_the_sites_own_count_is_rejected(
+    tiny_model_dir: Path, tmp_path: Path, num_examples: int, named: str
+) -> None:
+    # Prepare
+    run = _run(tiny_model_dir, tmp_path)
+    replies = [_reply(run, 0), _reply(run, 1, num_examples=num_examples), _reply(run, 2)]
+    # Execute
+    reasons = _rejections(run, replies)
+    # Assert
+    assert len(reasons) == 1 and named in reasons[0]
+
+
+def test_a_site_with_no_count_before_round_1_is_held_to_the_ceiling(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    run = _run(tiny_model_dir, tmp_path, **{"validate.max-examples": 1000})
+    del run.ctx.book.data["evals"]["0"]["2"]
+    replies = [_reply(run, 0), _reply(run, 1), _reply(run, 2, num_examples=5000)]
+    # Execute
+    reasons = _rejections(run, replies)
+    # Assert
+    assert len(reasons) == 1 and "validate.max-examples = 1000" in reasons[0]
+
+
+# -- under HE ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def he_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("he")
+    write_key_files(parse_config({}).he.params, out)
+    return out
+
+
+def _he_run(tiny_model_dir: Path, tmp_path: Path, keys: Path) -> FederatedRun:
+    run = _run(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "strategy.secure-aggregation": "he",
+            "he.public-context": str(keys / PUBLIC_CONTEXT),
+            "he.site-context": str(keys / SECRET_CONTEXT),
+        },
+    )
+    return run
+
+
+def _sealed(run: FederatedRun, site: int, num_examples: int, weight: float) -> Message:
+    he = SiteHE.load(run.cfg, run.cfg.he.site_context, site=site)
+    blobs = he.seal({n: a + 0.01 for n, a in run.ctx.arrays.items()}, weight=weight, num_sites=3)
+    content = RecordDict(
+        {
+            ARRAYS: ciphertexts_to_record(blobs),
+            METRICS: MetricRecord({**_metrics(site, num_examples), HE_WEIGHT: weight}),
+            HE: ConfigRecord({"key-id": he.key, "sha256": payload_digest(blobs)}),
+        }
+    )
+    return mock_reply(content, node_id=site + 1)
+
+
+def test_under_he_a_site_claiming_more_examples_than_before_round_1_is_rejected(
+    tiny_model_dir: Path, tmp_path: Path, he_keys: Path
+) -> None:
+    """Its weight matches its own claim (1000 over the unit of 300), but its share is 100."""
+    # Prepare
+    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    he = run.pipeline.stage("he-sum")
+    he.open_round()
+    unit = 3 * TRAIN_EXAMPLES
+    replies = [
+        _sealed(run, 0, TRAIN_EXAMPLES, TRAIN_EXAMPLES / unit),
+        _sealed(run, 1, 1000, 1000 / unit),
+        _sealed(run, 2, TRAIN_EXAMPLES, TRAIN_EXAMPLES / unit),
+    ]
+    # Execute
+    reasons = _rejections(run, replies)
+    # Assert
+    assert len(reasons) == 1 and "site 1" in reasons[0]
+    assert he.divisor == pytest.approx(2 / 3)
+
+
+def test_under_he_a_false_count_reported_later_does_not_move_the_weight_unit(
+    tiny_model_dir: Path, tmp_path: Path, he_keys: Path
+) -> None:
+    """A site that reports a negative training-set size when evaluating round 1 cannot move
+    the honest sites' public weights (here to 100 / 50 each): the unit is fixed before
+    round 1."""
+    # Prepare
+    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    for site, count in ((0, 100), (1, 100), (2, -150)):
+        run.ctx.book.record("evals", 1, site, {"train-examples": count})
+    he = run.pipeline.stage("he-sum")
+    # Execute
+    unit = he.weight_unit()
+    # Assert
+    assert unit == 3 * TRAIN_EXAMPLES
+
+
+def test_a_site_refuses_a_decrypted_global_with_values_past_the_norm_bound(
+    tiny_model_dir: Path, tmp_path: Path, he_keys: Path
+) -> None:
+    """What a site decrypts is checked before it trains on it."""
+    # Prepare
+    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    he = SiteHE.load(run.cfg, run.cfg.he.site_context, site=0)
+    huge = {n: np.full(a.shape, 50.0, np.float32) for n, a in run.ctx.arrays.items()}
+    blobs = he.seal(huge, weight=1.0, num_sites=1)
+    # Execute / Assert
+    with pytest.raises(InvalidUpdateError, match="norm"):
+        he.open_global(blobs, divisor=1.0, server_key=he.key, max_norm=100.0)
