@@ -69,6 +69,7 @@ SUMMARY_KEYS = (
     "budget",
     "failures",
     "participation",
+    "validation",
     "security",
     "safety",
     "adapter",
@@ -81,6 +82,7 @@ SECTION_DEFAULTS: dict[str, Any] = {
     "audit": {},
     "security": None,
     "safety": None,
+    "validation": None,
 }
 
 

@@ -23,6 +23,7 @@ from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, arrays_to_record, cipher
 from tests.replies import mock_reply
 
 TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
+EVAL_FIGURES = {"num-examples": 8, "eval-loss": 2.0, "perplexity": 7.4, "eval-tokens": 64}
 
 
 def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
@@ -41,7 +42,7 @@ def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
     )
     run.ctx.num_sites = 3
     for site in range(3):  # round 0: each site's own count, fixed before round 1
-        run.ctx.book.record("evals", 0, site, {"train-examples": TRAIN_EXAMPLES})
+        run.ctx.book.record("evals", 0, site, {**EVAL_FIGURES, "train-examples": TRAIN_EXAMPLES})
     run.strategy = run.pipeline.build()
     run.pipeline.begin()
     return run

@@ -32,6 +32,7 @@ from fedllm.wire import (
     HE_WEIGHT_UNIT,
     METRICS,
     NUM_EXAMPLES,
+    SERVER_ROUND,
     arrays_to_record,
     ciphertexts_to_record,
     is_encrypted,
@@ -96,6 +97,8 @@ class HEMod(SiteMod):
                 record_to_ciphertexts(msg.content[ARRAYS]),
                 divisor=float(config[HE_DIVISOR]),
                 server_key=str(config[HE_KEY_ID]),
+                # the global is the sum of at most one bounded update a round
+                max_norm=cfg.validate.max_update_norm * max(1, int(config[SERVER_ROUND])),
             )
             msg.content[ARRAYS] = arrays_to_record(plain)
         opened_seconds = time.perf_counter() - t0

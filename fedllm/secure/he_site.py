@@ -9,6 +9,7 @@ corrupted contribution is refused, never trained on.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedllm.config import FedllmConfig
-from fedllm.errors import KeyFileError, ProtectionUnavailableError
+from fedllm.errors import InvalidUpdateError, KeyFileError, ProtectionUnavailableError
 from fedllm.model import adapter_spec, init_adapter
 from fedllm.secure.at_rest import AtRestKey
 from fedllm.secure.he import decrypt_chunks, encrypt_chunks, key_id, load_secret_context
@@ -54,9 +55,17 @@ class SiteHE:
         return cls(ctx=ctx, key=key, packing=packing, params=cfg.he.params, site=site)
 
     def open_global(
-        self, blobs: list[bytes], *, divisor: float, server_key: str
+        self, blobs: list[bytes], *, divisor: float, server_key: str, max_norm: float = math.inf
     ) -> dict[str, np.ndarray]:
-        """Decrypt the coordinator's aggregate and divide by its public total weight."""
+        """Decrypt the coordinator's aggregate and divide by its public total weight; the
+        result is checked before the site trains on it (the coordinator cannot check an
+        aggregate it cannot read): finite, and of L2 norm at most `max_norm`.
+
+        Raises
+        ------
+        InvalidUpdateError
+            If the decrypted global adapter holds NaN or infinite values, or is too large.
+        """
         if server_key != self.key:
             raise KeyFileError(
                 f"site {self.site}: the coordinator aggregates under HE key {server_key[:12]}..."
@@ -64,7 +73,18 @@ class SiteHE:
                 "secret.context from the key ceremony."
             )
         what = f"site {self.site}: the encrypted global adapter"
-        return self.packing.unpack(decrypt_chunks(self.ctx, blobs, what=what), divisor, what=what)
+        arrays = self.packing.unpack(decrypt_chunks(self.ctx, blobs, what=what), divisor, what=what)
+        if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+            raise InvalidUpdateError(f"{what} decrypts to NaN or infinite values; refusing it.")
+        norm = math.sqrt(
+            sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())
+        )
+        if norm > max_norm:
+            raise InvalidUpdateError(
+                f"{what} decrypts to L2 norm {norm:.4g}, above the {max_norm:g} this site "
+                "accepts (validate.max-update-norm per round); refusing it."
+            )
+        return arrays
 
     def seal(
         self, arrays: Mapping[str, np.ndarray], *, weight: float, num_sites: int

@@ -107,12 +107,13 @@ class RunBook:
             if r["round"] == server_round and r.get("phase", "train") == "train"
         )
 
-    def last_train_examples(self) -> float:
-        """The federation's training examples, as the sites last reported them when
-        evaluating (0 if none did)."""
-        evals = self.data.get("evals", {})
-        for server_round in sorted(evals, key=int, reverse=True):
-            counts = [m.get("train-examples", 0) for m in evals[server_round].values()]
-            if sum(counts) > 0:
-                return float(sum(counts))
-        return 0.0
+    def own_count(self, site: int) -> int | None:
+        """The training examples a site reported when it evaluated the initial adapter
+        (round 0): fixed before any round, so no later reply can change it."""
+        count = self.round("evals", 0).get(str(site), {}).get("train-examples")
+        return count if isinstance(count, int) and count > 0 else None
+
+    def fixed_train_examples(self) -> float:
+        """The federation's training examples as the sites reported them before round 1
+        (0 if none did)."""
+        return float(sum(c for s in self.round("evals", 0) if (c := self.own_count(int(s)))))

@@ -42,7 +42,6 @@ from fedllm.wire import (
     HE_WEIGHT,
     HE_WEIGHT_UNIT,
     METRICS,
-    NUM_EXAMPLES,
     arrays_to_record,
     ciphertexts_to_record,
     record_to_ciphertexts,
@@ -102,9 +101,10 @@ class HESum(Stage):
 
     # -- what goes out ---------------------------------------------------------------------
     def weight_unit(self) -> float:
-        """The federation's training examples, as the sites last reported them when
-        evaluating: HE weights are examples / unit, public and summing to about 1."""
-        return self.ctx.book.last_train_examples() or 1.0
+        """The federation's training examples as the sites reported them before round 1:
+        HE weights are examples / unit, public and summing to about 1, and fixed before any
+        round, so no reply can move another site's weight."""
+        return self.ctx.book.fixed_train_examples() or 1.0
 
     def payload(self) -> ArrayRecord:
         """The encrypted global adapter; before round 1 the initial adapter, which every
@@ -158,9 +158,16 @@ class HESum(Stage):
         t0 = time.perf_counter()
         blobs = record_to_ciphertexts(content[ARRAYS])
         weight = float(metrics.get(HE_WEIGHT, float("nan")))
+        site = reply_site(content)
+        own = self.ctx.book.own_count(site)
+        if own is None and not self.cfg.privacy.user_level:
+            raise InvalidUpdateError(
+                f"{sender}: reported no training examples before round 1, so it has no "
+                "public HE weight."
+            )
         expected = share_weight(
             user_level=self.cfg.privacy.user_level,
-            num_examples=int(metrics[NUM_EXAMPLES]),
+            num_examples=own or 0,
             unit=self._unit,
             num_sites=self.ctx.num_sites,
         )
@@ -175,7 +182,7 @@ class HESum(Stage):
             key=str(he.get("key-id", "")),
             digest=str(he.get("sha256", "")),
             sender=sender,
-            site=reply_site(content),
+            site=site,
         )
         self._seconds += time.perf_counter() - t0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import ERROR
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -13,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.strategy.base import RunContext, RunStopped, Stage
-from fedllm.validate import check_update
+from fedllm.validate import WIRE_DTYPE, check_update
 from fedllm.wire import (
     ARRAYS,
     EVALUATE_FIGURES,
@@ -33,20 +34,59 @@ class Validate(Stage):
     """Names, shapes, dtypes and finite values of plaintext updates (or, under HE, the
     check of the stage that can read the ciphertexts), then run.min-sites."""
 
-    name = "validate"
-
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.sent: dict[int, int] = {}
 
+    name = "validate"
+    summary_keys = ("validation",)
+
+    def summary_section(self) -> dict[str, Any]:
+        v = self.cfg.validate
+        return {
+            "validation": {
+                "max_update_norm": v.max_update_norm,
+                "max_examples": v.max_examples,
+                "weights": "at most each site's training examples reported before round 1",
+                "dtype": str(WIRE_DTYPE),
+            }
+        }
+
+    def check_weight(self, site: int, num_examples: int, sender: str) -> None:
+        """A FedAvg weight is positive and no more than the site's own count, fixed before
+        round 1 (its evaluation of the initial adapter), nor than validate.max-examples."""
+        if num_examples <= 0:
+            raise InvalidUpdateError(
+                f"{sender}: metric 'num-examples' = {num_examples} is not positive."
+            )
+        own = self.ctx.book.own_count(site)
+        if own is not None and num_examples > own:
+            raise InvalidUpdateError(
+                f"{sender}: claims {num_examples} examples but reported {own} before round 1."
+            )
+        ceiling = self.cfg.validate.max_examples
+        if num_examples > ceiling:
+            raise InvalidUpdateError(
+                f"{sender}: claims {num_examples} examples, above validate.max-examples = "
+                f"{ceiling}."
+            )
+
     def check(self, reply: Message, sender: str) -> None:
-        """Raise `InvalidUpdateError` unless the reply carries every figure the run reads
-        and a valid update."""
-        check_figures(reply.content[METRICS], TRAIN_FIGURES, sender=sender)
+        """Raise `InvalidUpdateError` unless the reply carries every figure the run reads,
+        a valid weight and a valid update."""
+        metrics = reply.content[METRICS]
+        check_figures(metrics, TRAIN_FIGURES, sender=sender)
+        self.check_weight(reply_site(reply.content), int(metrics[NUM_EXAMPLES]), sender)
         if self.ctx.update_check is not None:
             self.ctx.update_check(reply, sender)
             return
-        check_update(record_to_arrays(reply.content[ARRAYS]), self.ctx.expected, sender=sender)
+        check_update(
+            record_to_arrays(reply.content[ARRAYS]),
+            self.ctx.expected,
+            sender=sender,
+            reference=self.ctx.arrays,
+            max_norm=self.cfg.validate.max_update_norm,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
