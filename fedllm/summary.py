@@ -6,6 +6,8 @@ import importlib.metadata
 import platform
 from typing import Any
 
+from rich.table import Table
+
 from fedllm.config import FedllmConfig, config_hash
 from fedllm.privacy.budget import effective_budget
 
@@ -330,7 +332,6 @@ def _site_sigma(trains: dict[int, dict[str, dict[str, float]]]) -> dict[str, flo
 
 def render_table(summary: dict[str, Any]) -> Any:
     """A rich table: per site, held-out loss at round 0 and at the end, and ε spent."""
-    from rich.table import Table
 
     rounds = summary["eval_rounds"]
     table = Table(

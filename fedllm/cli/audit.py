@@ -10,6 +10,7 @@ from typing import Any
 from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config, verb_group
 from fedllm.errors import RunDirError
 from fedllm.privacy.ledger import Ledger
+from fedllm.rundir import RunDir
 
 __all__ = ["add_parsers"]
 
@@ -20,8 +21,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from fedllm.privacy.verify import verify_records
 
     path = Path(args.run)
-    ledgers = [path / "ledger.jsonl", *sorted(path.glob("sites/*/ledger.jsonl"))]
-    ledgers = [p for p in ledgers if p.is_file()]
+    ledgers = [p for p in RunDir.at(path).ledger_paths() if p.is_file()]
     if not ledgers:
         raise RunDirError(f"{path} holds no privacy ledger (ledger.jsonl).")
     failed = False

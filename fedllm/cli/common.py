@@ -10,6 +10,7 @@ from typing import Any
 
 from fedllm.config import FedllmConfig, flatten, parse_config
 from fedllm.errors import RunDirError
+from fedllm.rundir import RunDir
 from fedllm.secure.at_rest import AtRestKey, configured_key
 
 __all__ = ["AT_REST_HELP", "at_rest_key", "load_run", "run_config", "verb_group"]
@@ -20,7 +21,8 @@ AT_REST_HELP = "the at-rest key file, if not the one the run's security.at-rest-
 def load_run(run_dir: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """A run directory's path, its config.json and its summary.json."""
     path = Path(run_dir)
-    summary_file, config_file = path / "summary.json", path / "config.json"
+    run = RunDir.at(path)
+    summary_file, config_file = run.summary_path, run.config_path
     if not config_file.is_file():
         raise RunDirError(f"{path} is not a fedllm run directory (no config.json).")
     config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -34,7 +36,7 @@ def at_rest_key(args: argparse.Namespace, run: Path) -> AtRestKey | None:
     run's own security.at-rest-key (from its config.json); None when the run is not sealed."""
     if args.at_rest_key:
         return configured_key(args.at_rest_key, what="the at-rest key (--at-rest-key)")
-    config_file = run / "config.json"
+    config_file = RunDir.at(run).config_path
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     setting = config.get("config", {}).get("security", {}).get("at_rest_key", "")
     return configured_key(

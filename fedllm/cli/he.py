@@ -8,6 +8,7 @@ from typing import Any
 
 from fedllm.cli.common import AT_REST_HELP, at_rest_key, load_run, run_config, verb_group
 from fedllm.errors import RunDirError
+from fedllm.rundir import RunDir
 
 __all__ = ["add_parsers"]
 
@@ -22,7 +23,7 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
     if cfg.strategy.secure_aggregation != "he":
         raise RunDirError(f"run {path} did not aggregate under HE; its adapter is plaintext.")
     if args.checkpoint:
-        ckpt = path / "checkpoints" / args.checkpoint
+        ckpt = RunDir.at(path).checkpoint(args.checkpoint)
     else:
         ckpt = Path(summary.get("adapter", {}).get("final_checkpoint") or path / "none")
     key = at_rest_key(args, path)

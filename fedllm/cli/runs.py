@@ -9,6 +9,7 @@ from typing import Any
 
 from fedllm.cli.common import load_run, verb_group
 from fedllm.plots import plot_run
+from fedllm.rundir import RunDir
 
 __all__ = ["add_parsers"]
 
@@ -47,7 +48,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 def cmd_runs_plot(args: argparse.Namespace) -> int:
     path, _, summary = load_run(args.run)
-    print(plot_run(summary, Path(args.out) if args.out else path / "progress.png"))
+    print(plot_run(summary, Path(args.out) if args.out else RunDir.at(path).progress_plot_path))
     return 0
 
 

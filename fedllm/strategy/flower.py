@@ -4,12 +4,11 @@ each is built from the config. fedllm adds no aggregation maths of its own here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # types only: this module is imported by fedllm.config itself
-    from flwr.serverapp.strategy import Strategy
-
-    from fedllm.config import FedllmConfig
+# `cfg` below is a `fedllm.config.FedllmConfig`, left untyped here: fedllm.config imports
+# this module for the names, so importing it back (even for types) would be a cycle.
+FedllmConfig = Any
 
 __all__ = ["STRATEGIES", "build_inner"]
 
@@ -36,12 +35,13 @@ STRATEGIES: dict[str, tuple[str, Callable[[FedllmConfig], dict[str, Any]]]] = {
 }
 
 
-def build_inner(cfg: FedllmConfig, *, num_sites: int) -> Strategy:
+def build_inner(cfg: FedllmConfig, *, num_sites: int) -> Any:
     """Example-weighted FedAvg (arXiv 1602.05629) or one of Flower's server optimisers.
 
-    Under user-level DP the strategy configures every site and the user-level stage
-    Poisson-samples them itself (`fedllm.privacy.userdp`): fixed-size sampling is not what
-    the accountants assume, and the strategy only applies the already-noised mean update.
+    Returns a `flwr.serverapp.strategy.Strategy`. Under user-level DP the strategy
+    configures every site and the user-level stage Poisson-samples them itself
+    (`fedllm.privacy.userdp`): fixed-size sampling is not what the accountants assume, and
+    the strategy only applies the already-noised mean update.
     """
     # heavy (~0.5 s): Flower's strategies load when the coordinator builds its strategy, not
     # whenever a config is parsed (fedllm.config imports this module for the names).
