@@ -80,7 +80,7 @@ def _rejections(run: FederatedRun, replies: list[Message]) -> list[str]:
     [
         (lambda a: {n: v.astype(np.float64) for n, v in a.items()}, "dtype float64"),
         (lambda a: {n: np.full(v.shape, 1e300) for n, v in a.items()}, "dtype float64"),
-        (lambda a: {n: v + 1e3 for n, v in a.items()}, "L2 norm"),
+        (lambda a: {n: v + 1e4 for n, v in a.items()}, "L2 norm"),
     ],
     ids=["float64", "float64-overflow", "huge-norm"],
 )
