@@ -48,6 +48,7 @@ __all__ = [
     "StrategyConfig",
     "TrainConfig",
     "config_hash",
+    "stable_dict",
     "flatten",
     "parse_config",
 ]
@@ -415,12 +416,27 @@ def _check_he(cfg: FedllmConfig) -> None:
         raise ConfigError(f"strategy.secure-aggregation = 'he': {why}.")
 
 
+# Sections and keys added after runs were made, with the value older runs behaved as: left
+# out of the hash and the resume key while they hold it, so those runs keep both.
+LATE_SECTIONS = {"safety": SafetyConfig, "validate": ValidateConfig}
+LATE_KEYS = {("he", "noise_assumption"): "curious-site"}
+
+
+def stable_dict(cfg: FedllmConfig, *, late_sections: tuple[str, ...] = ("validate",)) -> dict:
+    """`cfg.to_dict()` without the `late_sections` and `LATE_KEYS` that hold their defaults."""
+    d = cfg.to_dict()
+    for name in late_sections:
+        if d[name] == dataclasses.asdict(LATE_SECTIONS[name]()):
+            del d[name]
+    for (section, key), default in LATE_KEYS.items():
+        if d[section].get(key) == default:
+            del d[section][key]
+    return d
+
+
 def config_hash(cfg: FedllmConfig) -> str:
     """SHA-256 of the resolved config, so a report can prove which settings a run used. A
     section added after runs were made is left out while it holds its defaults, so those
     runs keep their hash."""
-    d = cfg.to_dict()
-    if d["validate"] == dataclasses.asdict(ValidateConfig()):
-        del d["validate"]
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps(stable_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

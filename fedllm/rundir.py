@@ -7,7 +7,6 @@ name resumes from there.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.config import FedllmConfig, SafetyConfig, ValidateConfig, config_hash
+from fedllm.config import FedllmConfig, config_hash, stable_dict
 from fedllm.errors import RunDirError
 
 __all__ = ["EMPIRICAL_AUDIT", "LEDGER_FILE", "RunDir", "write_json_atomic"]
@@ -58,12 +57,9 @@ def _resume_key(cfg: FedllmConfig) -> str:
     """What must match to resume: everything except how many rounds to run in total and
     where key files live (moving a key must not orphan a run; a different at-rest key is
     caught by its key id when the checkpoint or ledger is opened)."""
-    d = cfg.to_dict()
+    d = stable_dict(cfg, late_sections=("safety", "validate"))
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("rounds", "timeout")}
     d["security"] = {k: v for k, v in d["security"].items() if k not in _KEY_LOCATIONS}
-    for name, section in (("safety", SafetyConfig), ("validate", ValidateConfig)):
-        if d[name] == dataclasses.asdict(section()):
-            del d[name]  # runs made before the section existed still resume
     return json.dumps(d, sort_keys=True)
 
 

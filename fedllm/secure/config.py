@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from fedllm.config_fields import field_help, require
 from fedllm.secure.he_params import HEParams, problems
 
-__all__ = ["HE_DROPOUT", "HEConfig", "SecurityConfig"]
+__all__ = ["HE_DROPOUT", "NOISE_ASSUMPTIONS", "HEConfig", "SecurityConfig"]
 
 HE_DROPOUT = ("account", "abort")
+# Who may look at the decrypted sum: every site decrypts it and knows its own noise share.
+NOISE_ASSUMPTIONS = ("curious-site", "honest-sites")
 
 
 @dataclass
@@ -41,6 +43,15 @@ class HEConfig:
             "distributed DP when sites drop: account the noise actually present, or abort "
             "the round",
             HE_DROPOUT,
+        ),
+    )
+    noise_assumption: str = field(
+        default="curious-site",
+        metadata=field_help(
+            "distributed DP is accounted at the noise a site that subtracts its own share "
+            "still faces (curious-site, the weaker guarantee), or at every share present "
+            "(honest-sites: no site looks at the sum without its own noise)",
+            NOISE_ASSUMPTIONS,
         ),
     )
 
