@@ -6,6 +6,12 @@ deployment: `fedllm pki init`, `fedllm superlink` (TLS + node authentication),
 Insecure mode is the same without TLS, node auth or signatures (the benchmark's baseline).
 Everything listens on 127.0.0.1 only; every process is started in its own session and its
 whole group is killed on exit.
+
+Flower 1.41 hard-codes the interval a SuperNode declares for its heartbeats (30 s; the
+SuperLink accepts 10 s to 30 min, no flag or variable sets it) and calls a node dead after two
+missed ones. With `heartbeat_interval`, the federation's SuperNodes declare (and keep) a
+shorter one, so a killed site is named after ~20 s instead of ~60 s; the SuperLink, the
+ClientApps and the protocol are unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     return repr(value)
+
+
+_SUPERNODE_SHIM = """#!{python}
+# flower-supernode with a {interval:g} s node heartbeat (tests/deployment.py writes this file).
+import sys
+
+import flwr.supercore.heartbeat
+import flwr.supernode.fleet_http_connection
+from flwr.supernode.cli import flower_supernode
+
+# Only the node's heartbeat to the SuperLink: the interval it declares and how often it sends.
+# flwr.common.constant keeps 30 s: this process also times its ClientApps' task tokens by it,
+# and they, unpatched, heartbeat on the 30 s rhythm.
+for module in (flwr.supernode.fleet_http_connection, flwr.supercore.heartbeat):
+    assert hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"), module  # Flower moved it
+    module.HEARTBEAT_DEFAULT_INTERVAL = {interval!r}
+
+sys.exit(flower_supernode())
+"""
 
 
 def adversary_app(root: Path) -> Path:
@@ -85,7 +110,10 @@ class LoopbackFederation:
         secure: bool = True,
         node_config: dict[int, str] | None = None,
         extra_sites: tuple[str, ...] = (),
+        heartbeat_interval: float | None = None,
     ) -> None:
+        """`heartbeat_interval` (seconds, at least 10): what the sites' SuperNodes declare
+        instead of Flower's 30 (a dead one is named after two missed heartbeats)."""
         self.root, self.sites, self.secure = Path(root), sites, secure
         self.node_config = node_config or {}
         self.pki = self.root / "pki"
@@ -95,11 +123,23 @@ class LoopbackFederation:
         self.connection = "fedllm-loopback"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.site_names = [f"site-{k}" for k in range(sites)] + list(extra_sites)
+        self.supernode = str(BIN / "flower-supernode")
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        if heartbeat_interval is not None:
+            # `fedllm supernode` execs `flower-supernode` from PATH: this one comes first.
+            shim_dir = self.root / "bin"
+            shim_dir.mkdir(parents=True, exist_ok=True)
+            shim = shim_dir / "flower-supernode"
+            shim.write_text(
+                _SUPERNODE_SHIM.format(python=sys.executable, interval=float(heartbeat_interval))
+            )
+            shim.chmod(0o755)
+            self.supernode, path = str(shim), f"{shim_dir}{os.pathsep}{path}"
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.root / "flwr-home"),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PATH": path,
         }
 
     # -- processes -------------------------------------------------------------------------
@@ -177,7 +217,8 @@ class LoopbackFederation:
         self.wait_for_sites([f"site-{k}" for k in range(self.sites)])
 
     def start_site(self, k: int, *, name: str | None = None, args: list[str] | None = None) -> str:
-        """Start a SuperNode for partition k (or, with `args`, any flower-supernode flags)."""
+        """Start a SuperNode for partition k (or, with `args`, Flower's own flower-supernode
+        with any flags: the shim's heartbeat applies to the federation's sites only)."""
         name = name or f"site-{k}"
         state = self.root / "state" / name
         state.mkdir(parents=True, exist_ok=True)
@@ -193,7 +234,7 @@ class LoopbackFederation:
             ]  # fmt: skip
         else:
             cmd = [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", self.address,
+                self.supernode, "--insecure", "--superlink", self.address,
                 "--port", str(free_port()), "--node-config",
                 f"partition-id={k} num-partitions={self.sites} {extra}",
             ]  # fmt: skip
@@ -237,12 +278,17 @@ class LoopbackFederation:
         return FlwrRun(self, name, self._start(name, cmd))
 
     def __exit__(self, *_: object) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        # Flower's SuperLink starts its superexec in a session of its own (the ServerApps run
+        # there): besides each started process's group, stop the groups of its descendants.
+        groups = {proc.pid for proc in self.procs.values()} | _descendant_groups(
+            [proc.pid for proc in self.procs.values() if proc.poll() is None]
+        )
+        groups.discard(os.getpgrp())
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + 10
         for proc in self.procs.values():
             try:
@@ -250,12 +296,34 @@ class LoopbackFederation:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-            # Children of a process that exited (Flower's superexec, clientapps) share its
-            # process group: sweep the group too, until it is empty.
+        # Children of a process that exited (Flower's superexec, clientapps) share its
+        # process group: sweep each group too, until it is empty.
+        for group in groups:
             deadline_group = time.monotonic() + 30
             while time.monotonic() < deadline_group:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
                     break
                 time.sleep(0.2)
+
+
+def _descendant_groups(roots: list[int]) -> set[int]:
+    """The process groups of every live descendant of `roots` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    group: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it exited meanwhile
+            continue
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        group[pid] = int(fields[2])
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(group[child])
+            todo.append(child)
+    return found

@@ -2,11 +2,16 @@
 
 Everything is a process started the documented way (`fedllm pki init`, `fedllm superlink`,
 `fedllm pki register`, `fedllm supernode`, `flwr run <app> <connection>`), on 127.0.0.1
-only, with a tiny model. Two jobs run on the same federation:
+only, with a tiny model. Two jobs run at the same time on the same federation (a SuperLink
+serves several runs, a SuperNode answers each run's messages in their own processes):
 
 1. two honest rounds: every site takes part, every update's signature verifies;
 2. three rounds with a compromised site 1 (replays its round-1 update in round 2) and site 2
-   (tampers with its signed update in round 2, then its SuperNode is killed mid-round 3).
+   (tampers with its signed update in round 2, then its SuperNode is killed mid-round 3,
+   once the honest job has finished).
+
+The sites declare a 10 s heartbeat (Flower's minimum; its default is 30 s), so the killed
+SuperNode is reported after two missed heartbeats, ~20 s, instead of ~60 s.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def _job(fed: LoopbackFederation, tiny: Path, name: str, **extra: Any) -> dict[s
     }
 
 
+def _summary(root: Path, name: str, log: str) -> dict[str, Any]:
+    """The job's summary.json; if it wrote none, fail with the end of its streamed log."""
+    path = root / "out" / name / "summary.json"
+    assert path.is_file(), f"job {name!r} wrote no summary; its log ends:\n{log[-4000:]}"
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("deploy")
@@ -50,7 +62,7 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         2: f'adversary="tamper@2,stall@3" marker-dir="{root}"',
     }
     out: dict[str, Any] = {"root": root}
-    with LoopbackFederation(root, node_config=node_config) as fed:
+    with LoopbackFederation(root, node_config=node_config, heartbeat_interval=10) as fed:
         out["fed"] = fed
         # Intruders, while the honest job runs: a SuperNode that trusts the federation's CA
         # but holds a key that was never registered, and one that has a registered key but
@@ -75,16 +87,16 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             ],
         )  # fmt: skip
         honest = fed.run(_job(fed, tiny_model_dir, "honest", **{"run.rounds": 2}))
-        out["honest_log"] = honest.wait(600)
-        out["honest"] = json.loads((root / "out" / "honest" / "summary.json").read_text())
-        for name in ("unregistered", "no-ca"):
-            out[f"{name}_rc"] = fed.procs[name].wait(timeout=120)
-            out[f"{name}_log"] = fed.log(name)
-
         faulty = fed.run(
             _job(fed, tiny_model_dir, "faults", **{"run.rounds": 3, "run.min-sites": 1}),
             app=adversary_app(root),
         )
+        out["honest_log"] = honest.wait(600)
+        out["honest"] = _summary(root, "honest", out["honest_log"])
+        for name in ("unregistered", "no-ca"):
+            out[f"{name}_rc"] = fed.procs[name].wait(timeout=120)
+            out[f"{name}_log"] = fed.log(name)
+
         deadline = time.monotonic() + 600
         while not (root / "stalled-2").exists():
             assert faulty.proc.poll() is None, faulty.output()[-4000:]
@@ -92,7 +104,7 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             time.sleep(0.5)
         fed.kill("site-2")  # mid-round: it is training (stalled) when its machine goes
         out["faults_log"] = faulty.wait(600)
-        out["faults"] = json.loads((root / "out" / "faults" / "summary.json").read_text())
+        out["faults"] = _summary(root, "faults", out["faults_log"])
         out["superlink_log"] = fed.log("superlink")
     out["leftover"] = subprocess.run(
         ["pgrep", "-a", "-f", str(root)], capture_output=True, text=True
