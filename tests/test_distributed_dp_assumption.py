@@ -107,7 +107,7 @@ def test_the_canary_client_baseline_samples_its_sites_once(tiny_model_dir: Path)
         {
             "model.name": str(tiny_model_dir),
             "privacy.mode": "none",
-            "audit.canary-clients": 8,
+            "audit.canary-clients": 20,
             "strategy.fraction-train": 0.5,
         }
     )

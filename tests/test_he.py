@@ -327,8 +327,10 @@ def test_noise_shares_of_all_sites_sum_to_the_central_noise() -> None:
 def test_dropped_noise_shares_lower_the_accounted_noise_multiplier() -> None:
     assert effective_noise_multiplier(1.2, 3, 3) == pytest.approx(1.2)
     assert effective_noise_multiplier(1.2, 2, 3) == pytest.approx(1.2 * math.sqrt(2 / 3))
+    # a share from a site that joined after the start adds noise (issue 15: never raises)
+    assert effective_noise_multiplier(1.2, 4, 3) == pytest.approx(1.2 * math.sqrt(4 / 3))
     with pytest.raises(ValueError):
-        effective_noise_multiplier(1.2, 4, 3)
+        effective_noise_multiplier(1.2, -1, 3)
 
 
 def test_keys_he_init_cli_writes_the_ceremony_and_refuses_to_overwrite(

@@ -50,6 +50,9 @@ def _run(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> Federated
             "strategy.secure-aggregation": "he",
             "he.public-context": str(keys / PUBLIC_CONTEXT),
             "he.site-context": str(keys / SECRET_CONTEXT),
+            # the dropout policies, at every share present (the curious-site accounting,
+            # the default, is pinned in tests/test_distributed_dp_assumption.py)
+            "he.noise-assumption": "honest-sites",
             **extra,
         }
     )

@@ -7,7 +7,12 @@ contributions carries N(0, σ²S²), the same as a central DP-FedAvg step with n
 multiplier σ and sensitivity S (add/remove one site's data; q = 1, every site every round).
 
 If only m < n contributions reach the sum, it carries variance mσ²S²/n: the noise actually
-present is σ·sqrt(m/n), and the ledger records that effective multiplier, never σ.
+present is σ·sqrt(m/n). But every site decrypts the sum and knows its own share, so a
+curious site can subtract it: against such a site only the other m − 1 shares remain,
+σ·sqrt((m−1)/n) (with a single contributor, its own share is all that protects it from the
+others). The ledger records both, and accounts the weaker one unless the run declares
+every site honest (`he.noise-assumption`). More than n shares (sites that joined after the
+run started) only add noise.
 """
 
 from __future__ import annotations
@@ -19,7 +24,12 @@ import numpy as np
 
 from fedllm.privacy.userdp import clip_update
 
-__all__ = ["effective_noise_multiplier", "noisy_clipped_contribution", "site_noise_std"]
+__all__ = [
+    "curious_site_noise_multiplier",
+    "effective_noise_multiplier",
+    "noisy_clipped_contribution",
+    "site_noise_std",
+]
 
 
 def site_noise_std(noise_multiplier: float, clip_norm: float, num_sites: int) -> float:
@@ -30,10 +40,17 @@ def site_noise_std(noise_multiplier: float, clip_norm: float, num_sites: int) ->
 
 
 def effective_noise_multiplier(noise_multiplier: float, present: int, expected: int) -> float:
-    """The noise multiplier of a sum that holds `present` of the `expected` noise shares."""
-    if not 0 <= present <= expected:
-        raise ValueError(f"present ({present}) must be within 0..expected ({expected})")
+    """The noise multiplier of a sum that holds `present` noise shares, each of variance
+    σ²S²/`expected` (present may exceed expected: late sites add noise)."""
+    if present < 0 or expected < 1:
+        raise ValueError(f"present ({present}) must be >= 0 and expected ({expected}) >= 1")
     return noise_multiplier * math.sqrt(present / expected)
+
+
+def curious_site_noise_multiplier(noise_multiplier: float, present: int, expected: int) -> float:
+    """The noise multiplier a site that subtracts its own share still faces: the shares of
+    the other contributors (with one contributor, its share protects it from every other)."""
+    return effective_noise_multiplier(noise_multiplier, max(present - 1, min(present, 1)), expected)
 
 
 def noisy_clipped_contribution(

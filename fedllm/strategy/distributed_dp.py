@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm.privacy.accounting import MECHANISMS
-from fedllm.privacy.distributed import effective_noise_multiplier
+from fedllm.privacy.distributed import curious_site_noise_multiplier, effective_noise_multiplier
 from fedllm.privacy.ledger import user_dp_entry
 from fedllm.strategy.base import RoundDiscarded, Stage
 from fedllm.strategy.user_dp import user_budget
@@ -47,8 +47,18 @@ class DistributedDP(Stage):
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         # Best case (every noise share arrives); the sum actually formed is checked again.
-        user_budget(self.ctx, server_round, self.cfg.privacy.user_noise_multiplier, 1.0)
+        n = self.ctx.num_sites
+        user_budget(self.ctx, server_round, self.multipliers(n, n)[0], 1.0)
         return messages
+
+    def multipliers(self, present: int, n: int) -> tuple[float, float, float]:
+        """(accounted, all shares, against a curious site) noise multipliers of a sum of
+        `present` shares: the accounted one follows he.noise-assumption."""
+        z = self.cfg.privacy.user_noise_multiplier
+        every = effective_noise_multiplier(z, present, n)
+        curious = curious_site_noise_multiplier(z, present, n)
+        honest = self.cfg.he.noise_assumption == "honest-sites"
+        return (every if honest else curious), every, curious
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -72,7 +82,7 @@ class DistributedDP(Stage):
             )
             log(WARNING, "fedllm: %s", reason)
             raise RoundDiscarded(reason)
-        z = effective_noise_multiplier(p.user_noise_multiplier, present, n)
+        z, every, curious = self.multipliers(present, n)
         report = user_budget(self.ctx, server_round, z, 1.0)
         entry = user_dp_entry(
             run_id=cfg.run.name,
@@ -91,9 +101,18 @@ class DistributedDP(Stage):
             noise="distributed: each site adds N(0, sigma^2 S^2 / n) before encrypting",
             planned_noise_multiplier=p.user_noise_multiplier,
             noise_shares=f"{present}/{n}",
+            noise_multiplier_all_shares=every,
+            noise_multiplier_curious_site=curious,
+            noise_assumption=self.cfg.he.noise_assumption,
             assumption=(
-                "every contributing site is honest and added its noise share; the "
-                "coordinator, which sums ciphertexts, does not collude with any site"
+                "every contributing site added its noise share and the coordinator, which "
+                "sums ciphertexts, colludes with no site; "
+                + (
+                    "no site looks at the sum without its own share (honest-sites)"
+                    if self.cfg.he.noise_assumption == "honest-sites"
+                    else "a site may subtract its own share (curious-site): accounted at "
+                    "the other shares only"
+                )
             ),
         )
         self.ctx.ledger().append(entry)
@@ -105,6 +124,8 @@ class DistributedDP(Stage):
                 "clip_norm": p.user_clip,
                 "noise": "distributed",
                 "noise_multiplier": z,
+                "noise_multiplier_all_shares": every,
+                "noise_multiplier_curious_site": curious,
                 "epsilon": float(report["epsilon"]),
                 "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS},
             }

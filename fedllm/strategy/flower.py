@@ -35,11 +35,12 @@ STRATEGIES: dict[str, tuple[str, Callable[[FedllmConfig], dict[str, Any]]]] = {
 }
 
 
-def build_inner(cfg: FedllmConfig, *, num_sites: int) -> Any:
+def build_inner(cfg: FedllmConfig, *, num_sites: int, sample_all: bool = False) -> Any:
     """Example-weighted FedAvg (arXiv 1602.05629) or one of Flower's server optimisers.
 
-    Returns a `flwr.serverapp.strategy.Strategy`. Under user-level DP the strategy
-    configures every site and the user-level stage Poisson-samples them itself
+    Returns a `flwr.serverapp.strategy.Strategy`. With `sample_all` (a stage samples the
+    sites: user-level DP, or its non-DP canary-client baseline) the strategy configures
+    every site and the user-level stage Poisson-samples them itself
     (`fedllm.privacy.userdp`): fixed-size sampling is not what the accountants assume, and
     the strategy only applies the already-noised mean update.
     """
@@ -49,7 +50,7 @@ def build_inner(cfg: FedllmConfig, *, num_sites: int) -> Any:
 
     class_name, extra = STRATEGIES[cfg.strategy.name]
     common = {
-        "fraction_train": 1.0 if cfg.privacy.user_level else cfg.strategy.fraction_train,
+        "fraction_train": 1.0 if sample_all else cfg.strategy.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": cfg.run.min_sites,
         "min_evaluate_nodes": min(cfg.run.min_sites, num_sites),

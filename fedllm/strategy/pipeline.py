@@ -78,8 +78,9 @@ class Pipeline:
     def build(self, inner: Strategy | None = None) -> Strategy:
         """Chain the enabled stages around `inner` (by default the configured Flower
         strategy, built for the sites now connected); returns the outermost."""
-        chain = (
-            inner if inner is not None else build_inner(self.ctx.cfg, num_sites=self.ctx.num_sites)
+        ctx = self.ctx
+        chain = inner or build_inner(
+            ctx.cfg, num_sites=ctx.num_sites, sample_all=ctx.sampled_by_design
         )
         for stage in reversed(self.active):
             chain = stage.wrap(chain)
