@@ -145,13 +145,16 @@ def test_foreign_key_site_is_refused_by_name_and_the_run_finishes_with_the_rest(
 def test_distributed_noise_is_accounted_at_the_shares_that_arrived(
     he_run: dict[str, Any],
 ) -> None:
-    """Two of three noise shares arrive, so each user-level ledger record carries
-    z = sigma * sqrt(2/3), not the planned sigma, and the ledger verifies."""
+    """Two of three noise shares arrive, so each user-level ledger record accounts
+    z = sigma * sqrt(1/3) (what a curious contributing site still faces, the default),
+    states sigma * sqrt(2/3) (every share present) beside it, never the planned sigma, and
+    the ledger verifies."""
     records = Ledger(he_run["dir"] / "ledger.jsonl").records()
     user = [r for r in records if r["mechanism"] == USER_GAUSSIAN]
     assert [r["round"] for r in user] == [1, 2]
     for r in user:
-        assert r["noise_multiplier"] == pytest.approx(SIGMA * math.sqrt(2 / 3))
+        assert r["noise_multiplier"] == pytest.approx(SIGMA * math.sqrt(1 / 3))
+        assert r["noise_multiplier_all_shares"] == pytest.approx(SIGMA * math.sqrt(2 / 3))
         assert r["noise_shares"] == "2/3" and r["sample_rate"] == 1.0
     assert verify_records(records) == []
     assert he_run["summary"]["user_level"]["epsilon"] == pytest.approx(user[-1]["guarantee"])
