@@ -1,11 +1,23 @@
-"""User-level DP-FedAvg maths: clipping, fixed denominator, noise scale, adaptive clipping."""
+"""User-level DP-FedAvg: clipping, fixed denominator, noise scale, adaptive clipping, and the
+multiplier the coordinator's user-level stage records against the noise it adds."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.task_identity import TaskIdentity
 
+from fedllm.config import parse_config
 from fedllm.errors import ConfigError
+from fedllm.model import adapter_spec
 from fedllm.privacy.userdp import (
     UserDPSettings,
     adaptive_update_noise,
@@ -15,6 +27,12 @@ from fedllm.privacy.userdp import (
     poisson_sample,
     update_clip_norm,
 )
+from fedllm.rundir import RunDir
+from fedllm.strategy.base import RunContext
+from fedllm.strategy.book import RunBook
+from fedllm.strategy.user_dp import UserDP
+from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, arrays_to_record, record_to_arrays
+from tests.replies import mock_reply
 
 SHAPES = {"a": (4, 3), "b": (5,)}
 
@@ -165,3 +183,138 @@ def test_the_adaptive_noise_split_gives_flowers_numbers() -> None:
     _, flower = compute_adaptive_noise_params(0.8, settings.expected_sites, settings.count_noise)
     # Assert
     assert settings.update_noise_multiplier == flower == adaptive_update_noise(0.8, 5.0)
+
+
+class _ZeroNoise:
+    """A generator that adds no noise but records the std of every Gaussian draw, so a test
+    sees exactly what noise the mechanism adds, and where."""
+
+    def __init__(self) -> None:
+        self.update_stds: list[float] = []  # draws on the update sum (one per tensor)
+        self.count_stds: list[float] = []  # scalar draws (the adaptive count)
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: Any = None) -> Any:
+        (self.count_stds if size is None else self.update_stds).append(float(scale))
+        return np.zeros(size) if size is not None else 0.0
+
+    def random(self) -> float:
+        raise AssertionError("q = 1 samples every site without drawing")
+
+
+class _Keep(Strategy):
+    """An inner strategy that samples nobody and adopts the one reply it is handed."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return next(iter(replies)).content[ARRAYS], None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        pass
+
+
+def _user_dp_round(
+    tiny_model_dir: Path, run_dir: Path, clipping: str, norms: list[float]
+) -> tuple[dict[str, Any], np.ndarray, float, _ZeroNoise]:
+    """One round of the coordinator's user-level stage over sites whose updates have these
+    L2 norms (q = 1, 10 sites in the population, z = 1, σ_b = 0.6, S = 1, η = 0.2, γ = 0.5),
+    with noise 0. Returns the ledger record, the released sum of updates (mean · qN), the
+    released count statistic (the noisy fraction · qN, read back from the next clip norm),
+    and the noise the stage asked for."""
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "privacy.mode": "user",
+            "privacy.user-clipping": clipping,
+            "privacy.user-noise-multiplier": 1.0,
+            "privacy.user-count-stddev": 0.6,
+            "privacy.user-clip": 1.0,
+            "strategy.fraction-train": 1.0,
+        }
+    )
+    ctx = RunContext(
+        cfg=cfg,
+        spec=adapter_spec(cfg.model, cfg.lora),
+        book=RunBook(),
+        run=RunDir(path=run_dir, state={}),
+        num_sites=10,
+    )
+    ctx.arrays = {n: np.zeros(s, np.float32) for n, s in ctx.expected.items()}
+    first = next(iter(ctx.expected))
+    stage = UserDP(ctx).wrap(_Keep())
+    stage.begin()
+    stage.rng = rng = _ZeroNoise()
+    stage.configure_train(1, ArrayRecord(), ConfigRecord(), None)
+    replies = []
+    for site, norm in enumerate(norms):
+        update = {n: np.zeros(s, np.float32) for n, s in ctx.expected.items()}
+        update[first].flat[site] = norm  # site k moves its own coordinate
+        content = RecordDict(
+            {
+                ARRAYS: arrays_to_record(update),
+                METRICS: MetricRecord({SITE: site, NUM_EXAMPLES: 10}),
+            }
+        )
+        replies.append(mock_reply(content, node_id=site + 1))
+    arrays, _ = stage.aggregate_train(1, replies)
+    assert arrays is not None
+    released = np.concatenate([a.ravel() for a in record_to_arrays(arrays).values()])
+    expected_sites = stage.settings.expected_sites
+    next_clip = stage.state["user_dp"]["clip_norm"]
+    fraction = 0.5 - math.log(next_clip / 1.0) / 0.2  # C' = C exp(-η (f - γ))
+    (record,) = ctx.ledger().records()
+    return record, released * expected_sites, fraction * expected_sites, rng
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_the_ledger_multiplier_is_the_one_the_noise_added_and_its_sensitivity_give(
+    clipping: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """z in the ledger is (z_Δ⁻² + z_b⁻²)^-½, each multiplier the std of the noise actually
+    added over the sensitivity of what it was added to, measured on neighbouring sets of sites
+    (one site added, its update clipped or not). With adaptive clipping at z = 1, σ_b = 0.6 a
+    raw count (sensitivity 1) would make the truth 0.57; centred bits make it 1."""
+    # Prepare
+    for name in ("_run_id", "_node_id", "_task_id"):  # the stage builds a Message, as in a run
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    base = [0.3, 0.5, 2.0, 4.0]  # two updates under S = 1, two clipped
+    # Execute
+    record, sums, count, rng = _user_dp_round(tiny_model_dir, tmp_path / "d", clipping, base)
+    _, sums_small, count_small, _ = _user_dp_round(
+        tiny_model_dir, tmp_path / "d-small", clipping, [*base, 0.2]
+    )
+    _, sums_big, count_big, _ = _user_dp_round(
+        tiny_model_dir, tmp_path / "d-big", clipping, [*base, 3.0]
+    )
+    # Assert
+    update_std = set(rng.update_stds)
+    assert len(update_std) == 1  # the same std on every tensor
+    sensitivity = max(np.linalg.norm(s - sums) for s in (sums_small, sums_big))
+    assert sensitivity == pytest.approx(1.0)  # S: the added site's clipped update
+    z_update = update_std.pop() / sensitivity
+    assert record["update_noise_multiplier"] == pytest.approx(z_update, rel=1e-6)
+    if clipping == "adaptive":
+        (count_std,) = rng.count_stds
+        count_sensitivity = max(abs(c - count) for c in (count_small, count_big))
+        z_count = count_std / count_sensitivity
+        derived = (z_update**-2 + z_count**-2) ** -0.5
+    else:
+        assert rng.count_stds == []  # fixed clipping releases no count
+        derived = z_update
+    assert record["noise_multiplier"] == pytest.approx(derived, rel=1e-6)
+    assert derived == pytest.approx(1.0, rel=1e-6)  # the configured z
