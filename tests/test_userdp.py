@@ -124,8 +124,8 @@ def test_clip_norm_moves_towards_the_target_quantile() -> None:
     )
     rng = np.random.default_rng(0)
     # Execute
-    grown = update_clip_norm(settings, 1.0, unclipped=0, rng=rng)
-    shrunk = update_clip_norm(settings, 1.0, unclipped=100, rng=rng)
+    grown = update_clip_norm(settings, 1.0, unclipped=0, rng=rng, contributors=100)
+    shrunk = update_clip_norm(settings, 1.0, unclipped=100, rng=rng, contributors=100)
     # Assert
     assert grown == pytest.approx(np.exp(0.2 * 0.5))
     assert shrunk == pytest.approx(np.exp(-0.2 * 0.5))

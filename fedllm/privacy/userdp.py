@@ -17,11 +17,15 @@ Why not Flower's `DifferentialPrivacy*Clipping` wrappers as they are: they divid
 number of replies (the inner strategy's weighted mean) while adding noise scaled to a fixed
 `num_sampled_clients`, they sample a fixed number of nodes (the Poisson-sampled Gaussian
 accountants do not cover that), and they draw noise from numpy's global, seedable RNG. Their
-helpers (`flwr.supercore.differential_privacy`: `compute_adaptive_noise_params`, the noise split
-between the update and the clipped-count query, and `clip_inputs_inplace`/`get_norm`) are
-rewritten here as `adaptive_update_noise`, `clip_update` and `l2_norm`, number for number: only
-the apps, `fedllm/strategy/`, `fedllm/mods/` and `fedllm/wire.py` may import Flower, and this
-module is pure maths.
+adaptive wrapper (1.41) also noises the raw count of clipped updates, whose sensitivity is 1
+when a site is added or removed, while splitting the noise as if the bits were centred
+(sensitivity 1/2): the multiplier it states is then too large (at z = 1, σ_b = 0.6 the
+truth is 0.57). Here the bits are centred, as in Andrew et al. and TF-Privacy's quantile
+estimator, so the split is exact. Flower's helpers (`flwr.supercore.differential_privacy`:
+`compute_adaptive_noise_params`, the noise split between the update and the count, and
+`clip_inputs_inplace`/`get_norm`) are rewritten here as `adaptive_update_noise`,
+`clip_update` and `l2_norm`, number for number: only the apps, `fedllm/strategy/`,
+`fedllm/mods/` and `fedllm/wire.py` may import Flower, and this module is pure maths.
 """
 
 from __future__ import annotations
@@ -64,9 +68,10 @@ class UserDPSettings:
     """One run's user-level mechanism, with the noise split adaptive clipping needs.
 
     `noise_multiplier` is the effective z the accountant sees. With adaptive clipping part of
-    the privacy goes to the noisy count of unclipped updates (std `count_stddev`), so the
-    update itself gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2) > z (Andrew et al., Thm 1); the
-    composition of both queries is exactly a Gaussian mechanism with multiplier z.
+    the privacy goes to the noisy count of unclipped updates (std `count_stddev`). That count
+    is a sum of centred bits b − 1/2 (sensitivity 1/2, see `update_clip_norm`), so its own
+    multiplier is 2σ_b and the update gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2) > z (Andrew et al.,
+    Thm 1): the two queries together are exactly a Gaussian mechanism with multiplier z.
     """
 
     noise_multiplier: float
@@ -120,11 +125,13 @@ class UserDPSettings:
 
 
 def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
-    """z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2): the update's noise multiplier when a count query with std
-    σ_b shares the budget of an effective multiplier z (Andrew et al. 2021, arXiv 1905.03871).
+    """z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2): the update's noise multiplier when a count query of
+    sensitivity 1/2 (centred bits) with std σ_b shares the budget of an effective multiplier z
+    (Andrew et al. 2021, arXiv 1905.03871).
 
     The same expression, and the same warning, as Flower's `compute_adaptive_noise_params`
-    (1.41), so a run gives the numbers it gave when that helper was called; needs z < 2σ_b.
+    (1.41); needs z < 2σ_b. The expression holds only for centred bits, which Flower's own
+    adaptive wrapper does not use (see the module docstring).
     """
     z_delta = (noise_multiplier ** (-2) - (2 * count_stddev) ** (-2)) ** -0.5
     if z_delta / noise_multiplier >= 2:
@@ -184,13 +191,21 @@ def update_clip_norm(
     clip_norm: float,
     unclipped: int,
     rng: np.random.Generator,
+    *,
+    contributors: int,
 ) -> float:
     """Andrew et al.'s geometric step towards the target quantile, from a noisy count.
 
-    The count of updates at or below the norm is noised with σ_b and divided by the expected
-    number of sites (fixed denominator again), then C ← C · exp(−η (b̄ − γ)).
+    Each of the `contributors` sites gives a bit b (1 if its update was at or below the norm)
+    and the sum of centred bits Σ (b − 1/2) = `unclipped` − `contributors`/2 is noised with
+    σ_b: adding or removing one site moves it by 1/2, the sensitivity the noise split of
+    `UserDPSettings` assumes (a raw count moves by 1). It is divided by the expected number
+    of sites q·N (fixed denominator again) and 1/2 added back, as TF-Privacy's quantile
+    estimator does; the expected, not the actual, number of sites is added back, since the
+    actual number is itself private. Then C ← C · exp(−η (b̄ − γ)).
     """
-    noisy_fraction = (unclipped + rng.normal(0.0, settings.count_noise)) / settings.expected_sites
+    centred = unclipped - contributors / 2 + rng.normal(0.0, settings.count_noise)
+    noisy_fraction = centred / settings.expected_sites + 0.5
     return clip_norm * math.exp(
         -settings.clip_learning_rate * (noisy_fraction - settings.target_quantile)
     )
@@ -227,7 +242,9 @@ def noisy_mean_update(
         for n, t in total.items()
     }
     next_clip = (
-        update_clip_norm(settings, clip_norm, unclipped, rng) if settings.adaptive else clip_norm
+        update_clip_norm(settings, clip_norm, unclipped, rng, contributors=len(updates))
+        if settings.adaptive
+        else clip_norm
     )
     return UserDPRound(
         mean_update=mean,
