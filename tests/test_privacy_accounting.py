@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from opacus.accountants import RDPAccountant
 
 from fedllm.errors import ConfigError
+from fedllm.privacy import accounting
 from fedllm.privacy.accounting import (
     calibrate_noise,
     default_delta,
@@ -148,3 +151,62 @@ def test_pinned_point_matches_published_rdp_prv_and_pld_values() -> None:
     assert report["pld"] == pytest.approx(6.77, abs=0.02)
     assert report["epsilon"] == min(report["prv"], report["pld"])
     assert report["disagree"] is False
+
+
+# σ = 1, 10 steps, δ = 1e-5, by Opacus 1.6.0's PRV and dp-accounting 0.6.0's PLD (interval 1e-3),
+# each direction of PLD on its own: (q, Opacus PRV, PLD remove, PLD add).
+DIRECTIONS = [(0.5, 10.4705, 10.4599, 4.8155), (1.0, 17.8673, 17.8566, 17.8566)]
+
+
+@pytest.mark.parametrize(("q", "prv", "remove", "add"), DIRECTIONS, ids=["q=0.5", "q=1"])
+def test_opacus_prv_accounts_the_remove_direction_only(
+    q: float, prv: float, remove: float, add: float
+) -> None:
+    """Opacus' PRV is the pair (mixture, N(0, σ²)) of Gopi et al., dp-accounting's REMOVE
+    direction, within PRV's ε error of 0.01; the ADD direction differs below q = 1 and is
+    what PLD's add/remove bound takes the worse of. Where PRV is above PLD's add direction,
+    as here, fedllm states Opacus' figure unchanged."""
+    # Prepare
+    from dp_accounting.pld import privacy_loss_distribution
+
+    history = [(1.0, q, 10)]
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        1.0, sampling_prob=q, value_discretization_interval=1e-3
+    ).self_compose(10)
+    # Execute
+    opacus_prv = make_accountant("prv", history).get_epsilon(delta=DELTA)
+    report = epsilon_report(history, delta=DELTA)
+    # Assert
+    assert opacus_prv == pytest.approx(prv, abs=2e-3)
+    assert pld._pmf_remove.get_epsilon_for_delta(DELTA) == pytest.approx(remove, abs=2e-3)
+    assert pld._pmf_add.get_epsilon_for_delta(DELTA) == pytest.approx(add, abs=2e-3)
+    assert 0 <= opacus_prv - remove <= 0.02
+    assert report["prv"] == opacus_prv
+    assert report["pld"] == pytest.approx(remove, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("q", "stated"), [(0.5, DIRECTIONS[0][3]), (1.0, 1.0)], ids=["q=0.5", "q=1"]
+)
+def test_a_prv_below_pld_wins_only_where_it_accounts_the_add_direction_too(
+    q: float, stated: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PRV figure below PLD (stubbed at 1.0 here) is a bound on the remove direction only.
+    At q = 0.5 the guarantee may not drop below PLD's add-direction ε (4.8155), which PRV
+    does not account; at q = 1 the subsampled Gaussian is the plain one, whose two directions
+    are the same, so PRV stays a valid add/remove bound and may still win."""
+    # Prepare
+    real = accounting.make_accountant
+
+    def tight_prv(mechanism: str, history: Any = ()) -> Any:
+        if mechanism != "prv":
+            return real(mechanism, history)
+        return SimpleNamespace(get_epsilon=lambda delta: 1.0)
+
+    monkeypatch.setattr(accounting, "make_accountant", tight_prv)
+    # Execute
+    report = epsilon_report([(1.0, q, 10)], delta=DELTA)
+    # Assert
+    assert report["prv"] == pytest.approx(stated, abs=2e-3)
+    assert report["epsilon"] == pytest.approx(stated, abs=2e-3)
+    assert report["epsilon"] == min(report["prv"], report["pld"])
