@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fedllm.cli import main as cli
 from fedllm.privacy.ledger import Ledger
 from tests.simulate import simulate
 from tests.tiny import make_tiny_model_dir
@@ -114,22 +113,19 @@ def test_an_old_run_directory_resumes_for_one_more_round(resumed: dict[str, Any]
 
 
 def test_every_ledger_holds_each_round_once_and_the_run_ledger_verifies(
-    resumed: dict[str, Any],
+    resumed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each site's own ledger has rounds 1, 2, 3 once; `fedllm audit verify` passes them all."""
     # Prepare
     run_dir = resumed["dir"]
     rounds = list(range(1, ROUNDS_BEFORE + 2))
     # Execute
-    verify = subprocess.run(
-        [str(Path(sys.executable).parent / "fedllm"), "audit", "verify", str(run_dir)],
-        capture_output=True,
-        text=True,
-    )
+    code = cli(["audit", "verify", str(run_dir)])  # in-process: opacus is already imported
+    shown = capsys.readouterr().out
     run_records = Ledger(run_dir / "ledger.jsonl").records()
     # Assert
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert verify.stdout.count("OK ") == 1 + SITES
+    assert code == 0, shown
+    assert shown.count("OK ") == 1 + SITES
     for site in range(SITES):
         records = Ledger(run_dir / "sites" / f"site-{site}" / "ledger.jsonl").records()
         assert [r["round"] for r in records] == rounds, site
