@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+# One OpenBLAS thread, set before numpy loads: the in-process simulations run the ServerApp
+# in a thread beside Ray's workers, and a multi-threaded OpenBLAS call there once spun
+# forever (numpy issue #17752); on 2 cores a second BLAS thread buys nothing. Processes the
+# tests start inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 
