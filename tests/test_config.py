@@ -155,6 +155,18 @@ def test_value_outside_the_choices_lists_them() -> None:
         parse_config({"strategy.name": "fedsgd"})
 
 
+def test_a_grad_sample_mode_opacus_cannot_run_here_is_refused_naming_those_that_work() -> None:
+    """`ew` (expanded weights) needs Opacus to wrap the model, which fedllm does not do
+    (`wrap_model=False` keeps parameter names): asking for it names the key and the modes
+    that run."""
+    # Execute / Assert
+    with pytest.raises(
+        ConfigError,
+        match=r"config key 'privacy\.grad-sample-mode' = 'ew' is not one of: hooks, functorch\.",
+    ):
+        parse_config({"privacy.grad-sample-mode": "ew"})
+
+
 @pytest.mark.parametrize(
     ("flat", "pattern"),
     [

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
 from fedllm.data import collate_batch, tokenize_examples
 from fedllm.model import attach_lora, get_adapter_arrays, load_base_model, set_adapter_arrays
+from fedllm.privacy.config import GRAD_SAMPLE_MODES
 from fedllm.privacy.dpsgd import DPSettings, attach_dp, detach_dp
 from fedllm.train import evaluate, per_example_loss, train_local
 
@@ -107,21 +108,28 @@ def _snapshot(model: torch.nn.Module) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 @pytest.mark.parametrize("ffa", [True, False], ids=["ffa-lora", "plain-lora"])
 def test_dp_gradients_without_noise_or_clipping_equal_plain_gradients(
     model_cfg: ModelConfig,
     features: list[dict[str, list[int]]],
     tokenizer: PreTrainedTokenizerBase,
     ffa: bool,
+    mode: str,
 ) -> None:
-    """σ=0 and an unreachable clip norm: the DP gradient of every LoRA tensor is the plain one."""
+    """σ=0 and an unreachable clip norm: the DP gradient of every LoRA tensor is the plain one,
+    in every per-sample gradient mode `privacy.grad-sample-mode` offers."""
     # Prepare
     lora = LoraConfig(ffa=ffa)
     batch = collate_batch(features[:4], pad_token_id=tokenizer.pad_token_id)
     plain, private = _model(model_cfg, lora), _model(model_cfg, lora)
     optimizer = torch.optim.SGD(list(_trainable(private).values()), lr=0.1)
     settings = DPSettings(
-        noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.5, expected_batch_size=4
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        sample_rate=0.5,
+        expected_batch_size=4,
+        grad_sample_mode=mode,
     )
     hooks, dp_optimizer = attach_dp(private, optimizer, settings=settings)
 
