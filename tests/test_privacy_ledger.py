@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.cli import main as cli
 from fedllm.privacy.accounting import MECHANISMS, epsilon_report
 from fedllm.privacy.ledger import GENESIS, Ledger, LedgerError, dp_sgd_entry, verify_chain
 from fedllm.privacy.verify import verify_records
@@ -157,3 +158,27 @@ def test_kill_9_at_any_moment_leaves_a_ledger_that_parses_and_continues(tmp_path
         assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
         counts.append(len(records))
     assert counts == sorted(counts) and counts[-1] > counts[0] > 0
+
+
+def test_a_record_without_a_mechanism_is_refused_and_named(
+    ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A chained, correctly hashed record that says no mechanism is not skipped: its ε could
+    not be checked, so `verify_records` and `fedllm audit verify` fail naming its seq, site and
+    round."""
+    # Prepare
+    entry = _spend(4, site=2)
+    del entry["mechanism"]
+    ledger.append(entry)
+    # Execute
+    problems = verify_records(ledger.records())
+    code = cli(["audit", "verify", str(ledger.path.parent)])
+    out = capsys.readouterr().out
+    # Assert
+    expected = "record 4 (seq 4, site 2, round 4): no mechanism field"
+    assert [p for p in problems if p.startswith("record 4")] == [
+        f"{expected}; a spend record must name its mechanism (dp-sgd or user-gaussian), or "
+        "its epsilon cannot be checked."
+    ]
+    assert code == 1
+    assert f"FAIL {ledger.path}: {expected}" in out
