@@ -42,17 +42,22 @@ def verify_records(records: list[dict[str, Any]]) -> list[str]:
     histories: dict[tuple[str, str, str], History] = {}
     deltas: dict[tuple[str, str, str], float] = {}
     for index, record in enumerate(records, start=1):
-        if record.get("mechanism") not in MECHANISM_NAMES:
-            if "mechanism" in record:
-                problems.append(
-                    f"record {index} (seq {record.get('seq', '?')}): unknown mechanism "
-                    f"{record['mechanism']!r}; no epsilon can be checked."
-                )
-            continue
         label = (
             f"record {index} (seq {record.get('seq', '?')}, site {record.get('site')}, "
             f"round {record.get('round')})"
         )
+        if "mechanism" not in record:  # every record a ledger holds is a spend
+            problems.append(
+                f"{label}: no mechanism field; a spend record must name its mechanism "
+                f"({' or '.join(MECHANISM_NAMES)}), or its epsilon cannot be checked."
+            )
+            continue
+        if record["mechanism"] not in MECHANISM_NAMES:
+            problems.append(
+                f"record {index} (seq {record.get('seq', '?')}): unknown mechanism "
+                f"{record['mechanism']!r}; no epsilon can be checked."
+            )
+            continue
         try:
             key = (str(record["run_id"]), str(record["mechanism"]), str(record["site"]))
             step = (
