@@ -249,6 +249,7 @@ def build_report(
             f"{summary['rounds_planned']} rounds",
         ),
         ("Guarantee", summary["privacy"]["guarantee"]),
+        ("Noise RNG", _noise_rng_text(summary)),
         ("Ledger integrity", integrity),
         (
             "Empirical audit",
@@ -262,10 +263,6 @@ def build_report(
         ("Update signatures", _signatures_text(summary)),
         ("Encryption at rest", _at_rest_text(summary)),
         ("Config SHA-256", config["config_hash"]),
-        (
-            "Sampling RNG",
-            "OS-seeded numpy (no cryptographically secure RNG: torchcsprng unavailable)",
-        ),
         ("Package versions", ", ".join(f"{k} {v}" for k, v in summary["versions"].items())),
     ]
     md = _markdown(facts, tables, summary)
@@ -274,6 +271,24 @@ def build_report(
     md_path.write_text(md, encoding="utf-8")
     html_path.write_text(page, encoding="utf-8")
     return html_path, md_path, problems + bugs
+
+
+def _noise_rng_text(summary: dict[str, Any]) -> str:
+    """Where the noise behind the guarantee came from. fedllm builds Opacus' `DPOptimizer`
+    without `secure_mode` (fedllm/privacy/dpsgd.py), so torch draws DP-SGD noise from its
+    default CPU generator; user-level noise and every sampling draw use
+    `fedllm.privacy.userdp.secure_rng` or an OS-seeded numpy generator (fedllm/train.py)."""
+    secure = json.dumps(summary["privacy"].get("secure_rng"))
+    return (
+        "DP-SGD noise comes from torch's default generator: fedllm runs Opacus with secure_mode "
+        "off (secure_mode needs torchcsprng, which is not available here), so that generator "
+        "is a Mersenne Twister, not cryptographically secure, seeded by torch at start-up "
+        "(never from the config), and the Gaussian sampler lacks secure_mode's defence against "
+        "floating-point attacks. User-level noise, noise shares and Poisson sampling come from "
+        "numpy generators seeded from the OS, not cryptographically secure either. The "
+        "guarantee assumes exact Gaussian noise no one can predict (summary.json: "
+        f"privacy.secure_rng = {secure})."
+    )
 
 
 def _signatures_text(summary: dict[str, Any]) -> str:
