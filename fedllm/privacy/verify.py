@@ -54,8 +54,7 @@ def verify_records(records: list[dict[str, Any]]) -> list[str]:
             continue
         if record["mechanism"] not in MECHANISM_NAMES:
             problems.append(
-                f"record {index} (seq {record.get('seq', '?')}): unknown mechanism "
-                f"{record['mechanism']!r}; no epsilon can be checked."
+                f"{label}: unknown mechanism {record['mechanism']!r}; no epsilon can be checked."
             )
             continue
         try:
