@@ -13,34 +13,17 @@ import numpy as np
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
-from fedllm.config import parse_config
-from fedllm.model import adapter_spec
 from fedllm.privacy.accounting import MECHANISMS, epsilon_report
 from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.verify import verify_records
-from fedllm.rundir import RunDir
 from fedllm.strategy.loop import FederatedRun
 from fedllm.wire import ARRAYS, METRICS, arrays_to_record
+from tests.coordinator import coordinator_run
 from tests.replies import mock_reply
 
 
 def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
-    cfg = parse_config(
-        {
-            "model.name": str(tiny_model_dir),
-            "run.name": "r",
-            "run.output-dir": str(tmp_path),
-            "run.min-sites": 1,
-            **extra,
-        }
-    )
-    run = FederatedRun(
-        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
-    )
-    run.ctx.num_sites = 3
-    run.strategy = run.pipeline.build()
-    run.pipeline.begin()
-    return run
+    return coordinator_run(tiny_model_dir, tmp_path, **{"run.min-sites": 1, **extra})
 
 
 def _metrics(site: int, spent_rounds: list[int]) -> dict[str, Any]:

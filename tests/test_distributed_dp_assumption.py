@@ -17,13 +17,12 @@ from fedllm.config import parse_config
 from fedllm.model import adapter_spec
 from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.verify import verify_records
-from fedllm.rundir import RunDir
-from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
+from fedllm.secure.he import write_key_files
 from fedllm.strategy.base import RunContext, Stage
 from fedllm.strategy.book import RunBook
 from fedllm.strategy.flower import build_inner
-from fedllm.strategy.loop import FederatedRun
 from fedllm.strategy.pipeline import Pipeline
+from tests.coordinator import coordinator_run, he_settings
 
 Z = 1.0
 
@@ -36,23 +35,13 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ddp(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> Any:
-    cfg = parse_config(
-        {
-            "model.name": str(tiny_model_dir),
-            "run.name": "r",
-            "run.output-dir": str(out),
-            "privacy.mode": "user",
-            "privacy.user-noise-multiplier": Z,
-            "strategy.secure-aggregation": "he",
-            "he.public-context": str(keys / PUBLIC_CONTEXT),
-            "he.site-context": str(keys / SECRET_CONTEXT),
-            **extra,
-        }
-    )
-    run = FederatedRun(
-        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
-    )
-    run.ctx.num_sites = 3
+    overrides = {
+        "privacy.mode": "user",
+        "privacy.user-noise-multiplier": Z,
+        **he_settings(keys),
+        **extra,
+    }
+    run = coordinator_run(tiny_model_dir, out, build=False, **overrides)
     return run, run.pipeline.stage("distributed-dp")
 
 

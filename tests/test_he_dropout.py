@@ -16,17 +16,16 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm.config import parse_config
-from fedllm.model import adapter_spec
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger
 from fedllm.privacy.verify import verify_records
-from fedllm.rundir import RunDir
-from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, payload_digest, write_key_files
+from fedllm.secure.he import SECRET_CONTEXT, payload_digest, write_key_files
 from fedllm.secure.he_site import SiteHE
 from fedllm.strategy.base import RoundDiscarded, RunStopped
 from fedllm.strategy.loop import FederatedRun
 from fedllm.strategy.user_dp import user_budget
 from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, NUM_EXAMPLES, SITE, ciphertexts_to_record
+from tests.coordinator import coordinator_run, he_settings
 from tests.replies import mock_reply
 
 SIGMA = 1.0
@@ -40,28 +39,16 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> FederatedRun:
-    cfg = parse_config(
-        {
-            "model.name": str(tiny_model_dir),
-            "run.name": "r",
-            "run.output-dir": str(out),
-            "privacy.mode": "user",
-            "privacy.user-noise-multiplier": SIGMA,
-            "strategy.secure-aggregation": "he",
-            "he.public-context": str(keys / PUBLIC_CONTEXT),
-            "he.site-context": str(keys / SECRET_CONTEXT),
-            # the dropout policies, at every share present (the curious-site accounting,
-            # the default, is pinned in tests/test_distributed_dp_assumption.py)
-            "he.noise-assumption": "honest-sites",
-            **extra,
-        }
-    )
-    run = FederatedRun(
-        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
-    )
-    run.ctx.num_sites = 3
-    run.strategy = run.pipeline.build()
-    run.pipeline.begin()
+    overrides = {
+        "privacy.mode": "user",
+        "privacy.user-noise-multiplier": SIGMA,
+        **he_settings(keys),
+        # the dropout policies, at every share present (the curious-site accounting,
+        # the default, is pinned in tests/test_distributed_dp_assumption.py)
+        "he.noise-assumption": "honest-sites",
+        **extra,
+    }
+    run = coordinator_run(tiny_model_dir, out, **overrides)
     run.pipeline.stage("he-sum").open_round()
     return run
 

@@ -4,15 +4,12 @@ exactly the state it owns; it writes only its own summary sections."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import Message, MetricRecord, RecordDict
 
 from fedllm.config import parse_config
 from fedllm.model import adapter_spec
@@ -23,40 +20,8 @@ from fedllm.strategy.loop import LOOP_KEYS
 from fedllm.strategy.pipeline import STAGES, Pipeline, register_stage, unregister_stage
 from fedllm.summary import SECTION_DEFAULTS, SUMMARY_KEYS, build_summary
 from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, arrays_to_record
+from tests.coordinator import Recorder
 from tests.replies import mock_reply
-
-
-class Recorder(Strategy):
-    """An inner strategy that keeps what reaches it."""
-
-    def __init__(self) -> None:
-        self.train: list[Message] = []
-        self.evaluate: list[Message] = []
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.train = list(replies)
-        return None, None
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        self.evaluate = list(replies)
-        return None
-
-    def summary(self) -> None:
-        pass
 
 
 def _context(tiny_model_dir: Path, **overrides: Any) -> RunContext:

@@ -14,12 +14,11 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm.config import parse_config
 from fedllm.errors import InvalidUpdateError
-from fedllm.model import adapter_spec
-from fedllm.rundir import RunDir
-from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, payload_digest, write_key_files
+from fedllm.secure.he import payload_digest, write_key_files
 from fedllm.secure.he_site import SiteHE
 from fedllm.strategy.loop import FederatedRun
 from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, arrays_to_record, ciphertexts_to_record
+from tests.coordinator import coordinator_run, he_settings
 from tests.replies import mock_reply
 
 TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
@@ -27,20 +26,8 @@ EVAL_FIGURES = {"num-examples": 8, "eval-loss": 2.0, "perplexity": 7.4, "eval-to
 
 
 def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
-    cfg = parse_config(
-        {
-            "model.name": str(tiny_model_dir),
-            "run.name": "r",
-            "run.output-dir": str(tmp_path),
-            "run.min-sites": 1,
-            "privacy.mode": "none",
-            **extra,
-        }
-    )
-    run = FederatedRun(
-        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
-    )
-    run.ctx.num_sites = 3
+    overrides = {"run.min-sites": 1, "privacy.mode": "none", **extra}
+    run = coordinator_run(tiny_model_dir, tmp_path, build=False, **overrides)
     for site in range(3):  # round 0: each site's own count, fixed before round 1
         run.ctx.book.record("evals", 0, site, {**EVAL_FIGURES, "train-examples": TRAIN_EXAMPLES})
     run.strategy = run.pipeline.build()
@@ -145,16 +132,7 @@ def he_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _he_run(tiny_model_dir: Path, tmp_path: Path, keys: Path) -> FederatedRun:
-    run = _run(
-        tiny_model_dir,
-        tmp_path,
-        **{
-            "strategy.secure-aggregation": "he",
-            "he.public-context": str(keys / PUBLIC_CONTEXT),
-            "he.site-context": str(keys / SECRET_CONTEXT),
-        },
-    )
-    return run
+    return _run(tiny_model_dir, tmp_path, **he_settings(keys))
 
 
 def _sealed(run: FederatedRun, site: int, num_examples: int, weight: float) -> Message:

@@ -4,15 +4,12 @@ multiplier the coordinator's user-level stage records against the noise it adds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import parse_config
@@ -32,6 +29,7 @@ from fedllm.strategy.base import RunContext
 from fedllm.strategy.book import RunBook
 from fedllm.strategy.user_dp import UserDP
 from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, arrays_to_record, record_to_arrays
+from tests.coordinator import Recorder
 from tests.replies import mock_reply
 
 SHAPES = {"a": (4, 3), "b": (5,)}
@@ -201,33 +199,6 @@ class _ZeroNoise:
         raise AssertionError("q = 1 samples every site without drawing")
 
 
-class _Keep(Strategy):
-    """An inner strategy that samples nobody and adopts the one reply it is handed."""
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return next(iter(replies)).content[ARRAYS], None
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None
-
-    def summary(self) -> None:
-        pass
-
-
 def _user_dp_round(
     tiny_model_dir: Path, run_dir: Path, clipping: str, norms: list[float]
 ) -> tuple[dict[str, Any], np.ndarray, float, _ZeroNoise]:
@@ -256,7 +227,7 @@ def _user_dp_round(
     )
     ctx.arrays = {n: np.zeros(s, np.float32) for n, s in ctx.expected.items()}
     first = next(iter(ctx.expected))
-    stage = UserDP(ctx).wrap(_Keep())
+    stage = UserDP(ctx).wrap(Recorder())
     stage.begin()
     stage.rng = rng = _ZeroNoise()
     stage.configure_train(1, ArrayRecord(), ConfigRecord(), None)

@@ -1,0 +1,87 @@
+"""A coordinator run without a SuperLink, for tests of the stages: the real `FederatedRun`,
+its stages and run directory, handed replies as the loop would hand them over."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedllm.config import parse_config
+from fedllm.model import adapter_spec
+from fedllm.rundir import RunDir
+from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT
+from fedllm.strategy.loop import FederatedRun
+from fedllm.wire import ARRAYS
+
+__all__ = ["Recorder", "coordinator_run", "he_settings"]
+
+
+def he_settings(keys: Path) -> dict[str, str]:
+    """The run-config keys of a run aggregating under HE with the key files in `keys`."""
+    return {
+        "strategy.secure-aggregation": "he",
+        "he.public-context": str(keys / PUBLIC_CONTEXT),
+        "he.site-context": str(keys / SECRET_CONTEXT),
+    }
+
+
+def coordinator_run(
+    tiny_model_dir: Path, out: Path, *, num_sites: int = 3, build: bool = True, **overrides: Any
+) -> FederatedRun:
+    """A new run's coordinator in `out` with `num_sites` connected sites; with `build`, its
+    stages chained around the configured Flower strategy and begun."""
+    cfg = parse_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "run.name": "r",
+            "run.output-dir": str(out),
+            **overrides,
+        }
+    )
+    run = FederatedRun(
+        None, cfg, RunDir.create(cfg, {"rounds_completed": 0}), adapter_spec(cfg.model, cfg.lora)
+    )
+    run.ctx.num_sites = num_sites
+    if build:
+        run.strategy = run.pipeline.build()
+        run.pipeline.begin()
+    return run
+
+
+class Recorder(Strategy):
+    """An inner strategy that samples nobody, keeps the replies that reach it, and adopts
+    the first one's update."""
+
+    def __init__(self) -> None:
+        self.train: list[Message] = []
+        self.evaluate: list[Message] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.train = list(replies)
+        return (self.train[0].content[ARRAYS] if self.train else None), None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        self.evaluate = list(replies)
+        return None
+
+    def summary(self) -> None:
+        pass
