@@ -204,8 +204,12 @@ def test_a_prv_below_pld_wins_only_where_it_accounts_the_add_direction_too(
         return SimpleNamespace(get_epsilon=lambda delta: 1.0)
 
     monkeypatch.setattr(accounting, "make_accountant", tight_prv)
+    accounting._epsilon_report.cache_clear()  # reports are memoised: compute this one anew
     # Execute
-    report = epsilon_report([(1.0, q, 10)], delta=DELTA)
+    try:
+        report = epsilon_report([(1.0, q, 10)], delta=DELTA)
+    finally:
+        accounting._epsilon_report.cache_clear()  # nothing stubbed stays for other tests
     # Assert
     assert report["prv"] == pytest.approx(stated, abs=2e-3)
     assert report["epsilon"] == pytest.approx(stated, abs=2e-3)

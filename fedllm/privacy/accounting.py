@@ -8,6 +8,7 @@ privacy engine every round and so reports one round's ε.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -135,6 +136,17 @@ def epsilon_curve(history: History, deltas: Sequence[float]) -> dict[str, list[f
 
 
 def epsilon_report(history: History, *, delta: float) -> dict[str, float | bool]:
+    """ε by every accountant, and the guarantee a report states (see `_epsilon_report`).
+
+    Memoised: a run asks for the same history many times (a site's budget check and its
+    spend record, the coordinator's backfill, `fedllm audit verify` recomputing every
+    record), and one PRV composition at q = 1 can take seconds."""
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return dict(_epsilon_report(key, float(delta)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_report(history: tuple[tuple[float, float, int], ...], delta: float) -> dict:
     """ε by every accountant, and the guarantee a report states.
 
     The guarantee is the tighter of PRV and PLD, both upper bounds under add/remove (PRV's
@@ -142,13 +154,14 @@ def epsilon_report(history: History, *, delta: float) -> dict[str, float | bool]
     RDP is kept as a looser bound and a cross-check. `disagree` flags PRV and PLD more than
     0.01 ε apart: then one of them is likely misconfigured.
     """
-    if not history or any(s == 0 for s, _, _ in history):
-        values = {m: epsilon(history, delta=delta, mechanism=m) for m in MECHANISMS}
+    steps = list(history)
+    if not steps or any(s == 0 for s, _, _ in steps):
+        values = {m: epsilon(steps, delta=delta, mechanism=m) for m in MECHANISMS}
     else:
-        pld = _pld_accountant(history)  # composed once, for PLD and PRV's add side
+        pld = _pld_accountant(steps)  # composed once, for PLD and PRV's add side
         values = {
-            "rdp": _epsilon_opacus("rdp", history, delta=delta),
-            "prv": _epsilon_prv(history, delta=delta, pld=pld),
+            "rdp": _epsilon_opacus("rdp", steps, delta=delta),
+            "prv": _epsilon_prv(steps, delta=delta, pld=pld),
             "pld": float(pld.get_epsilon(delta)),
         }
     return {
