@@ -13,6 +13,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 
+from fedllm.config import parse_config
+from fedllm.secure.he import write_key_files
 from tests.tiny import make_tiny_model_dir
 
 
@@ -20,3 +22,11 @@ from tests.tiny import make_tiny_model_dir
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Return a directory holding a tiny Llama model and chat tokenizer, built offline once."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def he_keys(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A CKKS key ceremony with the default HE parameters (public and secret context)."""
+    out = tmp_path_factory.mktemp("he-keys")
+    write_key_files(parse_config({}).he.params, out)
+    return out

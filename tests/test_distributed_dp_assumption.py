@@ -17,7 +17,6 @@ from fedllm.config import parse_config
 from fedllm.model import adapter_spec
 from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.verify import verify_records
-from fedllm.secure.he import write_key_files
 from fedllm.strategy.base import RunContext, Stage
 from fedllm.strategy.book import RunBook
 from fedllm.strategy.flower import build_inner
@@ -27,18 +26,11 @@ from tests.coordinator import coordinator_run, he_settings
 Z = 1.0
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("keys")
-    write_key_files(parse_config({}).he.params, out)
-    return out
-
-
-def _ddp(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> Any:
+def _ddp(tiny_model_dir: Path, he_keys: Path, out: Path, **extra: Any) -> Any:
     overrides = {
         "privacy.mode": "user",
         "privacy.user-noise-multiplier": Z,
-        **he_settings(keys),
+        **he_settings(he_keys),
         **extra,
     }
     run = coordinator_run(tiny_model_dir, out, build=False, **overrides)
@@ -46,10 +38,10 @@ def _ddp(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> Any:
 
 
 def test_by_default_a_round_is_accounted_at_the_noise_a_curious_site_still_faces(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    run, ddp = _ddp(tiny_model_dir, keys, tmp_path)
+    run, ddp = _ddp(tiny_model_dir, he_keys, tmp_path)
     # Execute: all three shares arrived
     z = ddp.account(1, [0, 1, 2])
     # Assert
@@ -63,10 +55,10 @@ def test_by_default_a_round_is_accounted_at_the_noise_a_curious_site_still_faces
 
 
 def test_a_run_that_declares_every_site_honest_is_accounted_at_every_share(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    run, ddp = _ddp(tiny_model_dir, keys, tmp_path, **{"he.noise-assumption": "honest-sites"})
+    run, ddp = _ddp(tiny_model_dir, he_keys, tmp_path, **{"he.noise-assumption": "honest-sites"})
     # Execute
     z = ddp.account(1, [0, 1, 2])
     # Assert
@@ -77,11 +69,11 @@ def test_a_run_that_declares_every_site_honest_is_accounted_at_every_share(
 
 
 def test_more_shares_than_sites_at_the_start_do_not_raise(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
     """A fourth site joins after the run started with three: its share adds noise."""
     # Prepare
-    run, ddp = _ddp(tiny_model_dir, keys, tmp_path)
+    run, ddp = _ddp(tiny_model_dir, he_keys, tmp_path)
     # Execute
     z = ddp.account(1, [0, 1, 2, 3])
     # Assert

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedllm.config import parse_config
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger
 from fedllm.privacy.verify import verify_records
-from fedllm.secure.he import SECRET_CONTEXT, payload_digest, write_key_files
+from fedllm.secure.he import SECRET_CONTEXT, payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.strategy.base import RoundDiscarded, RunStopped
 from fedllm.strategy.loop import FederatedRun
@@ -31,18 +30,11 @@ from tests.replies import mock_reply
 SIGMA = 1.0
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("keys")
-    write_key_files(parse_config({}).he.params, out)
-    return out
-
-
-def _run(tiny_model_dir: Path, keys: Path, out: Path, **extra: Any) -> FederatedRun:
+def _run(tiny_model_dir: Path, he_keys: Path, out: Path, **extra: Any) -> FederatedRun:
     overrides = {
         "privacy.mode": "user",
         "privacy.user-noise-multiplier": SIGMA,
-        **he_settings(keys),
+        **he_settings(he_keys),
         # the dropout policies, at every share present (the curious-site accounting,
         # the default, is pinned in tests/test_distributed_dp_assumption.py)
         "he.noise-assumption": "honest-sites",
@@ -88,9 +80,9 @@ def _aggregate(run: FederatedRun, replies: list[Message]) -> Any:
 
 
 def test_abort_policy_discards_the_round_unread_and_spends_nothing(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
-    run = _run(tiny_model_dir, keys, tmp_path, **{"he.on-dropout": "abort"})
+    run = _run(tiny_model_dir, he_keys, tmp_path, **{"he.on-dropout": "abort"})
     with pytest.raises(RoundDiscarded, match="abort") as discarded:  # the round goes on
         _aggregate(run, _two_of_three(run))
     run.pipeline.round_discarded(1, discarded.value)
@@ -101,9 +93,9 @@ def test_abort_policy_discards_the_round_unread_and_spends_nothing(
 
 
 def test_account_policy_records_the_noise_actually_present(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
-    run = _run(tiny_model_dir, keys, tmp_path)
+    run = _run(tiny_model_dir, he_keys, tmp_path)
     arrays, _ = _aggregate(run, _two_of_three(run))
     assert arrays is not None
     records = Ledger(run.ctx.run.path / "ledger.jsonl").records()
@@ -120,12 +112,12 @@ def test_account_policy_records_the_noise_actually_present(
 
 
 def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
     """The budget allows one round at σ but not at σ·sqrt(2/3): the round with a dropped
     site is not released and the run stops, instead of recording more ε than allowed."""
     planned = float(epsilon_report([(SIGMA, 1.0, 1)], delta=1e-5)["epsilon"])
-    run = _run(tiny_model_dir, keys, tmp_path, **{"privacy.user-epsilon-max": planned + 1e-6})
+    run = _run(tiny_model_dir, he_keys, tmp_path, **{"privacy.user-epsilon-max": planned + 1e-6})
     user_budget(run.ctx, 1, SIGMA, 1.0)  # the best case (every share) is within budget
     with pytest.raises(RunStopped, match="budget"):
         _aggregate(run, _two_of_three(run))
@@ -134,9 +126,14 @@ def test_budget_that_only_the_planned_noise_meets_stops_the_run_unreleased(
 
 
 def test_server_given_the_secret_context_refuses_to_start(
-    tiny_model_dir: Path, keys: Path, tmp_path: Path
+    tiny_model_dir: Path, he_keys: Path, tmp_path: Path
 ) -> None:
     from fedllm.errors import KeyFileError
 
     with pytest.raises(KeyFileError, match="holds the CKKS secret key"):
-        _run(tiny_model_dir, keys, tmp_path, **{"he.public-context": str(keys / SECRET_CONTEXT)})
+        _run(
+            tiny_model_dir,
+            he_keys,
+            tmp_path,
+            **{"he.public-context": str(he_keys / SECRET_CONTEXT)},
+        )

@@ -25,19 +25,12 @@ from fedllm.config import parse_config
 from fedllm.errors import KeyFileError, ProtectionUnavailableError
 from fedllm.model import adapter_spec
 from fedllm.mods import DistributedDPMod, HEMod, SignMod, reply_mods, train_mods
-from fedllm.secure.he import SECRET_CONTEXT, payload_digest, write_key_files
+from fedllm.secure.he import SECRET_CONTEXT, payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest, statement
 
 RUN_ID, NODE_ID, ROUND = 11, 7, 3
 Handler = Callable[[Message, Context], Message]
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("he-keys")
-    write_key_files(parse_config({}).he.params, out)
-    return out
 
 
 @pytest.fixture()
@@ -196,11 +189,11 @@ def test_the_distributed_dp_mod_refuses_ciphertexts() -> None:
         DistributedDPMod()(msg, _context(run_config), _replying(lambda msg: RecordDict(), []))
 
 
-def _he_run(tiny_model_dir: Path, keys: Path, **extra: Any) -> dict[str, Any]:
+def _he_run(tiny_model_dir: Path, he_keys: Path, **extra: Any) -> dict[str, Any]:
     return {
         "model.name": str(tiny_model_dir),
         "strategy.secure-aggregation": "he",
-        "he.site-context": str(keys / SECRET_CONTEXT),
+        "he.site-context": str(he_keys / SECRET_CONTEXT),
         **extra,
     }
 
@@ -217,11 +210,13 @@ def _encrypted_global(run_config: dict[str, Any], value: float, **config: Any) -
     return _message(content)
 
 
-def test_the_he_mod_opens_the_global_and_seals_the_reply(tiny_model_dir: Path, keys: Path) -> None:
+def test_the_he_mod_opens_the_global_and_seals_the_reply(
+    tiny_model_dir: Path, he_keys: Path
+) -> None:
     """The handler sees the plaintext global; the reply leaves weighted, encrypted, with the
     key id, payload digest, `he-weight` and `he-seconds`, and decrypts to the trained values."""
     # Prepare
-    run_config = _he_run(tiny_model_dir, keys)
+    run_config = _he_run(tiny_model_dir, he_keys)
     msg = _encrypted_global(run_config, 0.25, **{wire.HE_WEIGHT_UNIT: 20.0})
     seen: list[Message] = []
 
@@ -237,7 +232,7 @@ def test_the_he_mod_opens_the_global_and_seals_the_reply(tiny_model_dir: Path, k
     assert all(np.allclose(a, 0.25, atol=1e-6) for a in opened.values())
     blobs = wire.record_to_ciphertexts(reply.content[wire.ARRAYS])
     he_record = reply.content.config_records[wire.HE]
-    he = SiteHE.load(parse_config(run_config), str(keys / SECRET_CONTEXT), site=0)
+    he = SiteHE.load(parse_config(run_config), str(he_keys / SECRET_CONTEXT), site=0)
     assert dict(he_record) == {wire.HE_RECORD_KEY_ID: he.key, "sha256": payload_digest(blobs)}
     metrics = reply.content[wire.METRICS]
     assert metrics[wire.HE_WEIGHT] == pytest.approx(5 / 20) and metrics[wire.HE_SECONDS] > 0
@@ -245,9 +240,9 @@ def test_the_he_mod_opens_the_global_and_seals_the_reply(tiny_model_dir: Path, k
     assert all(np.allclose(a, 0.75, atol=1e-5) for a in back.values())
 
 
-def test_the_he_mod_leaves_a_refusal_unencrypted(tiny_model_dir: Path, keys: Path) -> None:
+def test_the_he_mod_leaves_a_refusal_unencrypted(tiny_model_dir: Path, he_keys: Path) -> None:
     # Prepare
-    run_config = _he_run(tiny_model_dir, keys)
+    run_config = _he_run(tiny_model_dir, he_keys)
     refusal = wire.refusal_content(0, "budget spent")
     # Execute
     reply = HEMod()(
@@ -260,7 +255,7 @@ def test_the_he_mod_leaves_a_refusal_unencrypted(tiny_model_dir: Path, keys: Pat
 
 
 def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
-    tiny_model_dir: Path, keys: Path, signing_key_file: tuple[Path, Ed25519PrivateKey]
+    tiny_model_dir: Path, he_keys: Path, signing_key_file: tuple[Path, Ed25519PrivateKey]
 ) -> None:
     """Through Flower's own mod chain: the signature covers the ciphertexts, which decrypt
     to global + clip(trained − global, S) + a small noise share, weighted 1/n."""
@@ -269,7 +264,7 @@ def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
     clip, sigma = 0.5, 1e-6
     run_config = _he_run(
         tiny_model_dir,
-        keys,
+        he_keys,
         **{
             "privacy.mode": "user",
             "privacy.user-clip": clip,
@@ -293,7 +288,7 @@ def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
     key.public_key().verify(
         bytes(fields["ed25519"]), statement(Claim(RUN_ID, ROUND, NODE_ID, "train"), digest)
     )
-    he = SiteHE.load(parse_config(run_config), str(keys / SECRET_CONTEXT), site=0)
+    he = SiteHE.load(parse_config(run_config), str(he_keys / SECRET_CONTEXT), site=0)
     assert reply.content[wire.METRICS][wire.HE_WEIGHT] == pytest.approx(0.5)  # 1/n, n = 2
     back = he.open_global(
         wire.record_to_ciphertexts(reply.content[wire.ARRAYS]), divisor=0.5, server_key=he.key

@@ -13,7 +13,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from fedllm.config import parse_config
 from fedllm.model import adapter_spec
-from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
+from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT
 from fedllm.strategy.base import RunContext, Stage
 from fedllm.strategy.book import RunBook
 from fedllm.strategy.loop import LOOP_KEYS
@@ -49,13 +49,6 @@ def _train_reply(ctx: RunContext, site: int) -> Message:
         }
     )
     return mock_reply(content, node_id=site + 1)
-
-
-@pytest.fixture(scope="module")
-def he_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("he")
-    write_key_files(parse_config({}).he.params, out)
-    return out
 
 
 def _enabling(stage: type[Stage], he_keys: Path) -> dict[str, Any]:

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedllm.config import parse_config
 from fedllm.errors import InvalidUpdateError
-from fedllm.secure.he import payload_digest, write_key_files
+from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.strategy.loop import FederatedRun
 from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, arrays_to_record, ciphertexts_to_record
@@ -124,13 +123,6 @@ def test_a_site_with_no_count_before_round_1_is_held_to_the_ceiling(
 
 
 # -- under HE ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def he_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("he")
-    write_key_files(parse_config({}).he.params, out)
-    return out
-
-
 def _he_run(tiny_model_dir: Path, tmp_path: Path, keys: Path) -> FederatedRun:
     return _run(tiny_model_dir, tmp_path, **he_settings(keys))
 
