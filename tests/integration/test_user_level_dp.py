@@ -14,7 +14,11 @@ from tests.integration.test_simulation import SITES, _simulate
 
 pytestmark = pytest.mark.slow
 
-Z, COUNT_STD, DELTA = 0.6, 1.0, 1e-5
+# COUNT_STD: with every update clipped in round 1 the noisy unclipped fraction is
+# N(0, COUNT_STD) / 3, and the clip norm shrinks only if that exceeds the target quantile
+# 0.5: at 1.0 that happened in 6.7% of runs (a flaky test), at 0.4 in 0.009%. It must stay
+# above Z / 2 for the noise split to exist.
+Z, COUNT_STD, DELTA = 0.6, 0.4, 1e-5
 
 
 @pytest.fixture(scope="module")
