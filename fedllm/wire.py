@@ -70,8 +70,29 @@ TRAIN_EXAMPLES = "train-examples"  # evaluate replies: the site's training examp
 HE_WEIGHT = "he-weight"
 HE_SECONDS = "he-seconds"
 SAFETY_DROPPED = "safety-dropped"
-# the round's DP-SGD spend (record-level), read into the run ledger by the coordinator
-SPEND_KEYS = ("noise-multiplier", "sample-rate", "steps", "max-grad-norm", "delta")
+REASON = "reason"  # the refusal record's one field: why the site refused
+HE_RECORD_KEY_ID = "key-id"  # HE record: the id of the key the ciphertexts are under
+HE_RECORD_SHA256 = "sha256"  # HE record: `payload_digest` of the ciphertexts
+# train replies (besides SITE, NUM_EXAMPLES and `epsilon_key(...)` for each accountant);
+# evaluate replies add TRAIN_EXAMPLES
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TOTAL_STEPS = "total-steps"
+EPSILON = "epsilon"
+STEPS = "steps"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+MAX_GRAD_NORM = "max-grad-norm"
+EVAL_LOSS = "eval-loss"
+PERPLEXITY = "perplexity"
+EVAL_TOKENS = "eval-tokens"
+
+
+def epsilon_key(mechanism: str) -> str:
+    """The train-reply metric with the site's ε under one accountant (`epsilon-prv`, ...)."""
+    return f"epsilon-{mechanism}"
+
 
 # Ciphertexts travel as opaque byte arrays in an ArrayRecord, so Flower streams them in
 # chunks like any tensor (a ConfigRecord of bytes would travel as one message).
@@ -131,24 +152,25 @@ def reply_site(content: RecordDict) -> int:
 TRAIN_FIGURES = {
     SITE: "count",
     NUM_EXAMPLES: "count",
-    "train-loss": "finite",
-    "epsilon": "number",
-    "delta": "number",
-    "noise-multiplier": "number",
+    TRAIN_LOSS: "finite",
+    EPSILON: "number",
+    DELTA: "number",
+    NOISE_MULTIPLIER: "number",
 }
 EVALUATE_FIGURES = {
     SITE: "count",
-    "eval-loss": "finite",
-    "perplexity": "number",
-    "eval-tokens": "count",
+    EVAL_LOSS: "finite",
+    PERPLEXITY: "number",
+    EVAL_TOKENS: "count",
 }
+# the round's DP-SGD spend (record-level), read into the run ledger by the coordinator
 SPEND_FIGURES = {
-    "noise-multiplier": "finite",
-    "sample-rate": "finite",
-    "steps": "count",
-    "max-grad-norm": "finite",
-    "delta": "finite",
-    **{f"epsilon-{m}": "finite" for m in MECHANISMS},
+    NOISE_MULTIPLIER: "finite",
+    SAMPLE_RATE: "finite",
+    STEPS: "count",
+    MAX_GRAD_NORM: "finite",
+    DELTA: "finite",
+    **{epsilon_key(m): "finite" for m in MECHANISMS},
 }
 _HISTORY_FIGURES = {
     "spent-rounds": "count",
@@ -182,7 +204,7 @@ def spend_metrics(metrics: Mapping[str, Any], *, sender: str = "a site") -> dict
     None when the reply reports none (no record-level DP at that site). A spend that is not
     well formed (a figure missing, NaN, of the wrong kind, or a spend history whose lists
     differ in length) raises `InvalidUpdateError`: nothing of it may reach the ledger."""
-    if "epsilon-prv" not in metrics:
+    if epsilon_key("prv") not in metrics:
         return None
     check_figures(metrics, {SITE: "count", **SPEND_FIGURES}, sender=sender)
     history = [k for k in _HISTORY_FIGURES if k in metrics]
@@ -199,12 +221,12 @@ def spend_metrics(metrics: Mapping[str, Any], *, sender: str = "a site") -> dict
                 raise InvalidUpdateError(f"{sender}: spend history '{key}' has a bad value.")
     return {
         "site": int(metrics[SITE]),
-        "noise_multiplier": float(metrics["noise-multiplier"]),
-        "sample_rate": float(metrics["sample-rate"]),
-        "steps": int(metrics["steps"]),
-        "max_grad_norm": float(metrics["max-grad-norm"]),
-        "delta": float(metrics["delta"]),
-        "epsilons": {m: float(metrics[f"epsilon-{m}"]) for m in MECHANISMS},
+        "noise_multiplier": float(metrics[NOISE_MULTIPLIER]),
+        "sample_rate": float(metrics[SAMPLE_RATE]),
+        "steps": int(metrics[STEPS]),
+        "max_grad_norm": float(metrics[MAX_GRAD_NORM]),
+        "delta": float(metrics[DELTA]),
+        "epsilons": {m: float(metrics[epsilon_key(m)]) for m in MECHANISMS},
     }
 
 
@@ -251,31 +273,6 @@ def route_fedllm_logs() -> None:
         if handler not in ours.handlers:
             ours.addHandler(handler)
     ours.propagate = False
-
-
-# -- the fields a site's ClientApp and its mods write (appended for issue 14) -----------------
-REASON = "reason"  # the refusal record's one field: why the site refused
-HE_RECORD_KEY_ID = "key-id"  # HE record: the id of the key the ciphertexts are under
-HE_RECORD_SHA256 = "sha256"  # HE record: `payload_digest` of the ciphertexts
-# train replies (besides SITE, NUM_EXAMPLES, the SPEND_KEYS and `epsilon_key(...)` for each
-# accountant); evaluate replies add TRAIN_EXAMPLES
-TRAIN_LOSS = "train-loss"
-TRAIN_SECONDS = "train-seconds"
-TOTAL_STEPS = "total-steps"
-EPSILON = "epsilon"
-STEPS = "steps"  # the SPEND_KEYS, one by one
-DELTA = "delta"
-NOISE_MULTIPLIER = "noise-multiplier"
-SAMPLE_RATE = "sample-rate"
-MAX_GRAD_NORM = "max-grad-norm"
-EVAL_LOSS = "eval-loss"
-PERPLEXITY = "perplexity"
-EVAL_TOKENS = "eval-tokens"
-
-
-def epsilon_key(mechanism: str) -> str:
-    """The train-reply metric with the site's ε under one accountant (`epsilon-prv`, ...)."""
-    return f"epsilon-{mechanism}"
 
 
 def train_metrics(

@@ -37,6 +37,8 @@ from fedllm.wire import (
     HE,
     HE_DIVISOR,
     HE_KEY_ID,
+    HE_RECORD_KEY_ID,
+    HE_RECORD_SHA256,
     HE_SECONDS,
     HE_SITES,
     HE_WEIGHT,
@@ -179,8 +181,8 @@ class HESum(Stage):
         self._sum.add(
             blobs,
             weight=weight,
-            key=str(he.get("key-id", "")),
-            digest=str(he.get("sha256", "")),
+            key=str(he.get(HE_RECORD_KEY_ID, "")),
+            digest=str(he.get(HE_RECORD_SHA256, "")),
             sender=sender,
             site=site,
         )
