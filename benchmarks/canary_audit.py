@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def _simulate(overrides: dict, sites: int) -> None:
     from tests.simulate import simulate
 
-    simulate(overrides, sites=sites)
+    simulate(overrides, sites=sites, cpus_per_site=1)  # two actors, as when it was measured
 
 
 def main() -> None:

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 # One OpenBLAS thread, set before numpy loads: the in-process simulations run the ServerApp
 # in a thread beside Ray's workers, and a multi-threaded OpenBLAS call there once spun
 # forever (numpy issue #17752); on 2 cores a second BLAS thread buys nothing. Processes the
 # tests start inherit it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Under pytest-xdist each worker starts its own Ray clusters: give each its own temp root, so
+# two clusters never share a session directory (or its `session_latest` link).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _ray_root = pathlib.Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"))
+    os.environ["RAY_TMPDIR"] = str(_ray_root / os.environ["PYTEST_XDIST_WORKER"])
 
 import pytest
 
 from fedllm.config import parse_config
 from fedllm.secure.he import write_key_files
 from tests.tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_stops_with_its_module() -> object:
+    """`tests.simulate` keeps Ray running between the runs of a module; an idle cluster still
+    costs ~0.1 CPU-second a second, so it stops once the module is done."""
+    yield
+    ray = sys.modules.get("ray")  # never imported here: only where a simulation ran
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import Ledger, dp_sgd_entry
-from tests.integration.test_simulation import _simulate
+from tests.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +35,17 @@ AUDIT = {
 
 
 def _run(tiny_model_dir: Path, out: Path, name: str, **extra: Any) -> Path:
-    _simulate(
+    # Two sites: only `audit.canary-site` (site 0) inserts canaries; a third site would train
+    # as long as it and add nothing to the audit.
+    simulate(
         {
             "model.name": str(tiny_model_dir),
             "run.output-dir": str(out),
             "run.name": name,
             **AUDIT,
             **extra,
-        }
+        },
+        sites=2,
     )
     return out / name
 
