@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
+from collections.abc import Iterator
 
 # One OpenBLAS thread, set before numpy loads: the in-process simulations run the ServerApp
 # in a thread beside Ray's workers, and a multi-threaded OpenBLAS call there once spun
@@ -46,3 +48,29 @@ def he_keys(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("he-keys")
     write_key_files(parse_config({}).he.params, out)
     return out
+
+
+class FlowerLog(logging.Handler):
+    """Every record Flower's logger receives (where `flwr run --stream` users read it)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def errors(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def flwr_log() -> Iterator[FlowerLog]:
+    """What Flower's logger receives (where `flwr run --stream` users read it)."""
+    handler = FlowerLog()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedllm.cli import main as cli_main
 from server.app import main as server_main
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def errors(self) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
-
-
-@pytest.fixture
-def flwr_log() -> Iterator[_Collect]:
-    """What Flower's logger receives (where `flwr run --stream` users read it)."""
-    handler = _Collect()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
+from tests.conftest import FlowerLog
 
 
 @pytest.mark.parametrize(
@@ -46,7 +21,7 @@ def flwr_log() -> Iterator[_Collect]:
     ],
 )
 def test_server_refuses_bad_config_in_one_line_and_writes_nothing(
-    overrides: dict[str, object], expected: str, tmp_path: Path, flwr_log: _Collect
+    overrides: dict[str, object], expected: str, tmp_path: Path, flwr_log: FlowerLog
 ) -> None:
     """The ServerApp logs one `fedllm:` line naming the problem and creates no run dir."""
     # Prepare
@@ -61,7 +36,7 @@ def test_server_refuses_bad_config_in_one_line_and_writes_nothing(
 
 
 def test_rank_larger_than_layer_names_the_key_and_the_limit(
-    tiny_model_dir: Path, tmp_path: Path, flwr_log: _Collect
+    tiny_model_dir: Path, tmp_path: Path, flwr_log: FlowerLog
 ) -> None:
     """A LoRA rank above min(in, out) of a target layer is refused before any training."""
     # Prepare
