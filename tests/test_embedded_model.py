@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
+import torch
 
 from fedllm.config import parse_config
 from fedllm.model import attach_lora, get_adapter_arrays, load_base_model, pick_device
@@ -18,15 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_model_takes_a_dp_step_on_a_chatterbot_site() -> None:
-    """The embedded model loads fast from its cache, and one DP-SGD step moves only LoRA B."""
+    """One DP-SGD step on the embedded model moves LoRA B (what travels) and nothing else:
+    LoRA A and every base weight stay as they were; the model already predicts chat text far
+    better than a uniform guess over its vocabulary."""
     # Prepare
     cfg = parse_config({"train.local-steps": 1, "train.physical-batch-size": 4})
     tok = tokenizer_for(cfg)  # converts the GGUF once if the cache is cold
-    start = time.monotonic()
     model = attach_lora(load_base_model(cfg.model, pick_device("cpu")), cfg.lora, seed=0)
-    load_seconds = time.monotonic() - start
     data = load_site_data(cfg, site=1, num_sites=3, tokenizer=tok)
     before = get_adapter_arrays(model)
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     features = data.train[:4]
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=4)
     # Execute
@@ -40,6 +41,9 @@ def test_embedded_model_takes_a_dp_step_on_a_chatterbot_site() -> None:
         seed=0,
     )
     after = get_adapter_arrays(model)
+    moved = {
+        n for n, p in model.named_parameters() if not torch.equal(p.detach(), weights_before[n])
+    }
     held_out = evaluate(
         model,
         data.eval[:4],
@@ -48,9 +52,11 @@ def test_embedded_model_takes_a_dp_step_on_a_chatterbot_site() -> None:
         device=pick_device("cpu"),
     )
     # Assert
-    assert load_seconds < 5.0  # cached safetensors, not the 30 s GGUF de-quantisation
     assert "<|im_start|>assistant" in tok.decode(features[0]["input_ids"])
     assert set(after) == set(before) and all(".lora_B." in n for n in after)
     assert any(not np.array_equal(before[n], after[n]) for n in after)
+    assert moved and all(".lora_B." in n for n in moved)
+    assert len(weights_before) > len(moved)  # LoRA A and the base weights were there, unmoved
     assert result.steps == 1 and math.isfinite(result.mean_loss)
-    assert 0.0 < held_out.loss < 10.0 and held_out.num_tokens > 0
+    # A uniform guess costs ln(vocabulary) ≈ 10.8 nats a token; the instruct model is far below.
+    assert 0.0 < held_out.loss < math.log(len(tok)) / 2 and held_out.num_tokens > 0

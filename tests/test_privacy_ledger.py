@@ -9,7 +9,14 @@ import pytest
 
 from fedllm.cli import main as cli
 from fedllm.privacy.accounting import MECHANISMS, epsilon_report
-from fedllm.privacy.ledger import GENESIS, Ledger, LedgerError, dp_sgd_entry, verify_chain
+from fedllm.privacy.ledger import (
+    GENESIS,
+    Ledger,
+    LedgerError,
+    dp_sgd_entry,
+    record_hash,
+    verify_chain,
+)
 from fedllm.privacy.verify import verify_records
 
 STEP = (0.8, 0.05, 4)
@@ -68,7 +75,7 @@ def test_torn_last_line_is_ignored_and_cut_before_the_next_append(ledger: Ledger
 
 
 def test_an_edited_epsilon_is_named_by_record(ledger: Ledger) -> None:
-    """Lowering a claimed ε (and even re-hashing the record) is caught and the record named."""
+    """Lowering a claimed ε is caught and the record named."""
     # Prepare
     records = ledger.records()
     records[1]["epsilon"]["prv"] = records[1]["epsilon"]["prv"] / 2
@@ -77,6 +84,27 @@ def test_an_edited_epsilon_is_named_by_record(ledger: Ledger) -> None:
     # Assert
     assert any(p.startswith("record 2 (seq 2") and "sha256" in p for p in problems)
     assert any("claimed prv epsilon" in p for p in problems)
+
+
+def test_an_edited_epsilon_is_caught_even_when_the_whole_chain_is_rehashed(
+    ledger: Ledger,
+) -> None:
+    """Whoever rewrites the chain consistently after lowering an ε (new sha256 for that record,
+    new links and hashes for every later one) passes the chain check, but not the recomputed
+    ε: the claim no longer follows from the mechanism's parameters."""
+    # Prepare
+    records = ledger.records()
+    records[1]["epsilon"]["prv"] = records[1]["epsilon"]["prv"] / 2
+    previous = records[0]["sha256"]
+    for record in records[1:]:
+        record["prev_sha256"] = previous
+        record["sha256"] = previous = record_hash(record)
+    # Execute
+    chain, problems = verify_chain(records), verify_records(records)
+    # Assert
+    assert chain == []
+    assert [p for p in problems if "claimed prv epsilon" in p]
+    assert all(p.startswith("record 2 (seq 2") for p in problems)
 
 
 def test_a_deleted_record_breaks_the_chain(ledger: Ledger) -> None:

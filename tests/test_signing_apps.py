@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from flwr.app import Context, RecordDict
 
 from fedllm.config import parse_config
@@ -56,14 +57,25 @@ def test_the_coordinator_loads_every_sites_key(pki: PkiLayout, tiny_model_dir: P
     assert {k: s.name for k, s in registry.items()} == {0: "site-0", 1: "site-1"}
 
 
+def _raw(public_key: object) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def test_a_site_finds_its_key_by_partition_or_node_config(
     pki: PkiLayout, tiny_model_dir: Path
 ) -> None:
+    """The key a site signs with is the one the registry holds for the site it names: by its
+    partition, or the node config's `signing-key` (which wins over the partition)."""
     cfg = _cfg(pki, tiny_model_dir)
+    run = FederatedRun(None, cfg, None, adapter_spec(cfg.model, cfg.lora))
+    registered = {
+        k: _raw(s.public_key) for k, s in run.pipeline.stage("signatures").registry.items()
+    }
+    assert registered[0] != registered[1]
     by_partition = signing_key(cfg, _context({"partition-id": 1}), 1)
-    assert by_partition is not None
+    assert _raw(by_partition.public_key()) == registered[1]
     explicit = signing_key(cfg, _context({"signing-key": str(pki.signing_key("site-0"))}), 1)
-    assert explicit is not None
+    assert _raw(explicit.public_key()) == registered[0]
     assert signing_key(parse_config({}), _context({}), 0) is None  # signing off: no key read
 
 

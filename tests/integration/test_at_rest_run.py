@@ -52,6 +52,10 @@ def test_sealed_run_audits_resumes_and_refuses_another_key(
     stranger = make_key_file(tmp_path / "keys" / "stranger.key")
     stranger_code = cli(["audit", "verify", str(run_dir), "--at-rest-key", str(stranger.path)])
     refused = capsys.readouterr().err
+    away = key.path.rename(key.path.with_name("elsewhere.key"))  # the key is not at hand
+    keyless_code = cli(["audit", "verify", str(run_dir)])
+    keyless = capsys.readouterr()
+    away.rename(key.path)
     # Assert: sealed on disk, verifiable with the key
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert summary["security"]["at_rest"] == {"cipher": "AES-256-GCM", "key_id": key.id}
@@ -66,6 +70,8 @@ def test_sealed_run_audits_resumes_and_refuses_another_key(
     assert gen_code == 0
     assert stranger_code == 2
     assert f"encrypted under at-rest key {key.id}, not {stranger.id}" in refused
+    assert keyless_code == 2 and "OK " not in keyless.out
+    assert str(key.path) in keyless.err and "--at-rest-key" in keyless.err
 
     # Execute: resume to round 3 under the same key
     simulate({**overrides, "run.rounds": 3}, sites=SITES)
