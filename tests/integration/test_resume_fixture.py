@@ -19,6 +19,7 @@ import pytest
 
 from fedllm.cli import main as cli
 from fedllm.privacy.ledger import Ledger
+from fedllm.rundir import RunDir
 from tests.simulate import simulate
 from tests.tiny import make_tiny_model_dir
 
@@ -127,7 +128,7 @@ def test_every_ledger_holds_each_round_once_and_the_run_ledger_verifies(
     assert code == 0, shown
     assert shown.count("OK ") == 1 + SITES
     for site in range(SITES):
-        records = Ledger(run_dir / "sites" / f"site-{site}" / "ledger.jsonl").records()
+        records = Ledger(RunDir.site_ledger_path(run_dir, site)).records()
         assert [r["round"] for r in records] == rounds, site
         assert sorted(r["round"] for r in run_records if r["site"] == site) == rounds, site
 

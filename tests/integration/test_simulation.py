@@ -10,6 +10,7 @@ import pytest
 
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import Ledger
+from fedllm.rundir import RunDir
 from tests.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,7 @@ def _wiretap(overrides: dict[str, Any], log: Path) -> Any:
 
     def relay(msg: Any, context: Any) -> Any:
         reply = inner(msg, context)
+        kind = msg.metadata.message_type
         with log.open("a") as f:
             for way, m in (("down", msg), ("up", reply)):
                 tensors = {
@@ -39,7 +41,6 @@ def _wiretap(overrides: dict[str, Any], log: Path) -> Any:
                     for record in m.content.array_records.values()
                     for name, array in record.items()
                 }
-                kind = msg.metadata.message_type
                 f.write(json.dumps({"way": way, "kind": kind, "tensors": tensors}) + "\n")
         return reply
 
@@ -95,7 +96,7 @@ def test_reported_epsilon_is_cumulative_over_the_whole_history(dp_run: dict[str,
     # Prepare
     summary, run_dir = dp_run["summary"], dp_run["dir"]
     for site, info in summary["sites"].items():
-        records = Ledger(run_dir / "sites" / f"site-{site}" / "ledger.jsonl").records()
+        records = Ledger(RunDir.site_ledger_path(run_dir, int(site))).records()
         sigma, q, steps = (records[0][k] for k in ("noise_multiplier", "sample_rate", "steps"))
         # Execute
         recomputed = [
@@ -205,7 +206,7 @@ def test_rerun_with_same_name_resumes_without_retraining(dp_run: dict[str, Any])
     assert [b["round"] for b in summary["bytes_per_round"]] == [0, 1, 2, 3]
     run_records = Ledger(dp_run["dir"] / "ledger.jsonl").records()
     for site, info in summary["sites"].items():
-        records = Ledger(dp_run["dir"] / "sites" / f"site-{site}" / "ledger.jsonl").records()
+        records = Ledger(RunDir.site_ledger_path(dp_run["dir"], int(site))).records()
         assert [r["round"] for r in records] == [1, 2, 3]
         assert sorted(r["round"] for r in run_records if r["site"] == int(site)) == [1, 2, 3]
         sigma, q, steps = (records[0][k] for k in ("noise_multiplier", "sample_rate", "steps"))
