@@ -124,10 +124,12 @@ def _cached_gguf_copy(folder: Path, gguf_file: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), gguf_file=gguf_file, dtype=torch.float32
         )
+        # Every GGUF read parses the whole vocabulary (~10 s here): handing the tokenizer the
+        # model's config spares it a third read.
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, config=model.config)
         # The weights are already de-quantised to fp32; drop the GGUF marker that would
         # make transformers refuse to save them.
         model.hf_quantizer = None

@@ -13,6 +13,14 @@ from collections.abc import Iterator
 # forever (numpy issue #17752); on 2 cores a second BLAS thread buys nothing. Processes the
 # tests start inherit it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One torch (OpenMP/MKL) thread per process, set before torch loads; the SuperNodes' ClientApp
+# processes and Ray's actors inherit it. The suite runs two workers on two cores, each often
+# beside other training processes: torch's default of one thread per core then puts several
+# spinning OpenMP teams on each core. Measured with a small MLP (the tiny models' op sizes),
+# two processes side by side: 135 steps/s each with two threads, 710 with one; 4-9 against
+# 330 while a suite ran beside them. Alone, a second thread gained nothing (760 vs 750).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Under pytest-xdist each worker starts its own Ray clusters: give each its own temp root, so
 # two clusters never share a session directory (or its `session_latest` link).
 if "PYTEST_XDIST_WORKER" in os.environ:
