@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import BenchmarkRun, add_work_arguments  # noqa: E402
 
 
 def _simulate(overrides: dict, sites: int) -> None:
@@ -38,9 +39,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=40)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--work", help="working directory (reuses finished runs in it)")
+    add_work_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "canary_audit.json"))
     args = parser.parse_args()
+    run = BenchmarkRun("canary_audit", allow_reuse=args.reuse)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
     from fedllm.cli import main as cli
@@ -48,8 +50,9 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-canary-audit-"))
     model = work / "model"
-    if not (model / "config.json").is_file():
+    if not run.reuse(model):
         make_tiny_model_dir(model, hidden_size=args.hidden)
+        run.mark_made(model)
     common = {
         "model.name": str(model),
         "run.output-dir": str(work / "runs"),
@@ -104,24 +107,23 @@ def main() -> None:
     for name, overrides in runs.items():
         t0 = time.monotonic()
         run_dir = work / "runs" / name
-        done = run_dir / "summary.json"
-        if not done.is_file() or json.loads(done.read_text())["status"] != "completed":
+        reused = run.reuse(run_dir)
+        if not reused:
             _simulate({**overrides, "run.name": name}, sites=3)
+            if json.loads((run_dir / "summary.json").read_text())["status"] != "completed":
+                raise SystemExit(f"run {name} did not complete; see {run_dir}")
+            run.mark_made(run_dir)
         if name.startswith("record"):
             code = cli(["audit", "canaries", str(run_dir)])
             audit = json.loads((run_dir / "audit" / "empirical.json").read_text())
             table[name] = {"exit_code": code, **audit}
         else:
             table[name] = json.loads((run_dir / "audit" / "canary-clients.json").read_text())
-        seconds[name] = round(time.monotonic() - t0, 1)
+        # A reused run was trained elsewhere (named in provenance): here only its audit ran.
+        seconds[name] = {"seconds": round(time.monotonic() - t0, 1), "trained_here": not reused}
         print(name, json.dumps(table[name], indent=1)[:1500], flush=True)
-    import importlib.metadata as md
-
     out = {
-        "benchmark": "empirical epsilon lower bounds, DP vs non-DP on the same data",
-        "command": "python benchmarks/canary_audit.py",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": {p: md.version(p) for p in ("flwr", "torch", "opacus", "dp-accounting")},
+        "what": "empirical epsilon lower bounds, DP vs non-DP on the same data",
         "setup": {
             **common,
             "model.name": f"tests/tiny.py Llama, hidden {args.hidden}",
@@ -132,9 +134,7 @@ def main() -> None:
         "seconds": seconds,
         "runs": table,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print("wrote", args.out)
+    run.write(args.out, out)
 
 
 if __name__ == "__main__":

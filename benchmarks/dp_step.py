@@ -4,16 +4,16 @@ Usage::
 
     python benchmarks/dp_step.py [--batch 32] [--repeats 3] [--out benchmarks/results/dp_step.json]
 
-Steps alternate (plain, DP, plain, DP, ...) after a warm-up of each, so drift in machine load
-hits both alike; the ratio of medians is reported. Defaults to the embedded model
-(SmolLM2-135M-Instruct) and its chatterbot data at one site.
+Steps alternate A B B A (plain, DP, DP, plain, ...) after a warm-up of each, so drift in
+machine load hits both alike; the ratio of medians is reported. Defaults to the embedded model
+(SmolLM2-135M-Instruct) and its chatterbot data at one site. Also records how long the base
+model takes to load from its prepared safetensors copy (`fedllm model prepare`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.provenance import BenchmarkRun, abba  # noqa: E402
 from fedllm.config import parse_config  # noqa: E402
 from fedllm.model import attach_lora, load_base_model, pick_device  # noqa: E402
 from fedllm.privacy.dpsgd import DPSettings  # noqa: E402
 from fedllm.site import load_site_data, tokenizer_for  # noqa: E402
-from fedllm.summary import package_versions  # noqa: E402
 from fedllm.train import train_local  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra config as key=value")
     parser.add_argument("--out", default="benchmarks/results/dp_step.json")
     args = parser.parse_args()
+    run = BenchmarkRun("dp_step")
 
     overrides: dict[str, object] = {
         "train.local-steps": 1,
@@ -52,7 +53,10 @@ def main() -> None:
     device = pick_device(cfg.train.device)
     tok = tokenizer_for(cfg)
     data = load_site_data(cfg, site=0, num_sites=3, tokenizer=tok)
-    model = attach_lora(load_base_model(cfg.model, device), cfg.lora, seed=0)
+    t = time.perf_counter()
+    base = load_base_model(cfg.model, device)
+    load_seconds = time.perf_counter() - t
+    model = attach_lora(base, cfg.lora, seed=0)
     n = len(data.train)
     # Same batch for both: sample rate 1 over exactly `batch` examples (Poisson with q=1
     # includes every example), so DP and plain see identical inputs.
@@ -85,11 +89,9 @@ def main() -> None:
     step(False)
     step(True)  # warm-up
     plain, private = [], []
-    for _ in range(args.repeats):
-        plain.append(step(False))
-        private.append(step(True))
+    for _, side in abba(args.repeats):
+        (plain if side == "A" else private).append(step(side == "B"))
     result = {
-        "benchmark": "dp_step",
         "what": "one optimizer step on the same batch: Opacus DP-SGD vs plain",
         "model": cfg.model.name,
         "lora": {"rank": cfg.lora.rank, "modules": cfg.lora.modules, "ffa": cfg.lora.ffa},
@@ -104,16 +106,12 @@ def main() -> None:
         "dp_median_s": statistics.median(private),
         "ratio_dp_over_plain": statistics.median(private) / statistics.median(plain),
         "target_ratio": 1.5,
+        "order": "A B B A (A plain, B DP), after one warm-up step of each",
+        "base_model_load_seconds": load_seconds,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "versions": package_versions(),
-        "date": time.strftime("%Y-%m-%d"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    run.write(args.out, result)
     print(
         json.dumps({k: result[k] for k in ("plain_median_s", "dp_median_s", "ratio_dp_over_plain")})
     )

@@ -6,8 +6,9 @@ Two parts, both measured in this one process:
   check + add, and decrypt + unpack of 1M adapter parameters, for the default chain and for
   a longer one; ciphertext bytes / fp32 bytes; the error of the decrypted sum.
 - **Rounds on the quickstart**: the embedded SmolLM2-135M, 3 chatterbot sites, record-level
-  DP-SGD, FFA-LoRA; the same config with plaintext FedAvg and with HE, side by side. Each
-  run's round wall times come from its own `summary.json`.
+  DP-SGD, FFA-LoRA; the same config with plaintext FedAvg (A) and with HE (B), in pairs run
+  A B B A ... so drift in machine load weighs on both. Each run's round wall times come from
+  its own `summary.json`.
 
 Writes `benchmarks/results/he_aggregation.json`.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import BenchmarkRun, abba, add_work_arguments  # noqa: E402
 
 
 def _primitives(chain: tuple[int, ...], values: int, repeats: int, sites: int) -> dict:
@@ -90,53 +92,73 @@ def _primitives(chain: tuple[int, ...], values: int, repeats: int, sites: int) -
     }
 
 
-def _round_runs(work: Path, rounds: int) -> dict:
+def _summary_figures(s: dict) -> dict:
+    he_rounds = (s.get("secure_aggregation") or {}).get("rounds", [])
+    return {
+        "round_seconds": s["round_seconds"],
+        "he_server_seconds": [r["server_seconds"] for r in he_rounds],
+        "he_site_seconds_mean": [
+            statistics.mean(r["site_seconds"].values()) for r in he_rounds if r["site_seconds"]
+        ],
+        "eval_loss": s["eval_loss"],
+        "epsilon": s["epsilon"],
+        "bytes_per_round": s["bytes_per_round"],
+        "status": s["status"],
+    }
+
+
+def _round_runs(run: BenchmarkRun, work: Path, rounds: int, pairs: int) -> dict:
     from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
     from fedllm.secure.he_params import HEParams
     from tests.simulate import simulate
 
     keys = work / "keys"
-    if not (keys / PUBLIC_CONTEXT).is_file():
+    if not run.reuse(keys):
         write_key_files(HEParams(), keys)
+        run.mark_made(keys)
     base = {"run.rounds": rounds, "run.output-dir": str(work / "runs"), "run.seed": 0}
     modes = {
-        "plaintext": {"run.name": "plaintext"},
-        "he": {
-            "run.name": "he",
-            "strategy.secure-aggregation": "he",
-            "he.public-context": str(keys / PUBLIC_CONTEXT),
-            "he.site-context": str(keys / SECRET_CONTEXT),
-        },
+        "A": ("plaintext", {}),
+        "B": (
+            "he",
+            {
+                "strategy.secure-aggregation": "he",
+                "he.public-context": str(keys / PUBLIC_CONTEXT),
+                "he.site-context": str(keys / SECRET_CONTEXT),
+            },
+        ),
     }
-    out = {}
-    for mode, extra in modes.items():
-        summary_file = work / "runs" / extra["run.name"] / "summary.json"
-        if not summary_file.is_file():
+    runs: dict[str, list[dict]] = {"plaintext": [], "he": []}
+    order = []
+    for pair, side in abba(pairs):
+        mode, extra = modes[side]
+        name = f"{mode}-{pair}"
+        run_dir = work / "runs" / name
+        order.append(name)
+        if not run.reuse(run_dir):
             t = time.perf_counter()
-            simulate({**base, **extra}, cpus_per_site=1)  # two actors, as when it was measured
-            print(f"{mode}: {time.perf_counter() - t:.0f}s", flush=True)
-        s = json.loads(summary_file.read_text())
-        he_rounds = (s.get("secure_aggregation") or {}).get("rounds", [])
-        out[mode] = {
-            "round_seconds": s["round_seconds"],
-            "he_server_seconds": [r["server_seconds"] for r in he_rounds],
-            "he_site_seconds_mean": [
-                statistics.mean(r["site_seconds"].values()) for r in he_rounds if r["site_seconds"]
-            ],
-            "eval_loss": s["eval_loss"],
-            "epsilon": s["epsilon"],
-            "bytes_per_round": s["bytes_per_round"],
-            "status": s["status"],
-        }
-    # Round 1 of the first run also warms caches; the steady-state rounds are compared.
-    plain, he = (statistics.mean(out[m]["round_seconds"][1:]) for m in ("plaintext", "he"))
-    out["he_over_plaintext_round_time"] = he / plain
-    out["round_time_compared"] = "mean of rounds 2.. of each run"
-    he_work = statistics.mean(out["he"]["he_site_seconds_mean"]) + statistics.mean(
-        out["he"]["he_server_seconds"]
+            simulate({**base, **extra, "run.name": name}, cpus_per_site=1)  # two actors
+            print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
+            run.mark_made(run_dir)
+        runs[mode].append(
+            {"run": name, **_summary_figures(json.loads((run_dir / "summary.json").read_text()))}
+        )
+    out: dict = {"order": order, **runs}
+    # Round 1 of each run also warms caches; the steady-state rounds are compared, per pair.
+    per_pair = [
+        statistics.mean(h["round_seconds"][1:]) / statistics.mean(p["round_seconds"][1:])
+        for p, h in zip(runs["plaintext"], runs["he"], strict=True)
+    ]
+    out["he_over_plaintext_round_time_per_pair"] = per_pair
+    out["he_over_plaintext_round_time"] = statistics.median(per_pair)
+    out["round_time_compared"] = "mean of rounds 2.. of each run; median over pairs"
+    he_work = statistics.mean(
+        statistics.mean(h["he_site_seconds_mean"]) + statistics.mean(h["he_server_seconds"])
+        for h in runs["he"]
     )
-    out["he_work_share_of_round"] = he_work / he
-    up = [out[m]["bytes_per_round"][-1]["up"] for m in ("plaintext", "he")]
+    he_round = statistics.mean(statistics.mean(h["round_seconds"][1:]) for h in runs["he"])
+    out["he_work_share_of_round"] = he_work / he_round
+    up = [runs[m][0]["bytes_per_round"][-1]["up"] for m in ("plaintext", "he")]
     out["he_over_plaintext_upload_bytes"] = up[1] / up[0]
     return out
 
@@ -147,9 +169,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per quickstart run")
     parser.add_argument("--skip-rounds", action="store_true")
-    parser.add_argument("--work", help="working directory (reuses finished runs in it)")
+    parser.add_argument("--pairs", type=int, default=2, help="plaintext/HE pairs, run A B B A")
+    add_work_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/he_aggregation.json"))
     args = parser.parse_args()
+    run = BenchmarkRun("he_aggregation", allow_reuse=args.reuse)
     work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-he-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -162,9 +186,6 @@ def main() -> None:
     for p in primitives:
         print(json.dumps(p), flush=True)
     result = {
-        "benchmark": "he_aggregation",
-        "command": "python benchmarks/he_aggregation.py",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "primitives_one_core": primitives,
         "targets": {
             "encrypt_seconds_per_1m": 1.0,
@@ -173,9 +194,8 @@ def main() -> None:
         },
     }
     if not args.skip_rounds:
-        result["quickstart_rounds"] = _round_runs(work, args.rounds)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        result["quickstart_rounds"] = _round_runs(run, work, args.rounds, args.pairs)
+    print(json.dumps(run.write(args.out, result), indent=2))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,7 @@ AUROC >= 0.95 on this test set; the figure is reported with its CI whether or no
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import BenchmarkRun  # noqa: E402
 
 TARGET_AUROC = 0.95
 
@@ -196,6 +194,7 @@ def main() -> None:
         "--out", default=str(ROOT / "benchmarks" / "results" / "safety_filters.json")
     )
     args = parser.parse_args()
+    run = BenchmarkRun("safety_filters")
 
     from fedllm.safety.embedding import BUNDLED_HEAD, EmbeddingFilter, train_embedding_filter
     from fedllm.safety.filters import create_filter
@@ -255,25 +254,15 @@ def main() -> None:
 
     import torch
 
-    doc = {
-        "benchmark": "safety_filters",
-        "train": train.source,
-        "test": test.source,
-        "results": results,
-        "machine": {
-            "cpus": os.cpu_count(),
+    run.write(
+        args.out,
+        {
+            "train": train.source,
+            "test": test.source,
+            "results": results,
             "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(),
         },
-        "versions": {
-            p: importlib.metadata.version(p)
-            for p in ("torch", "transformers", "sentence-transformers", "scikit-learn")
-        },
-        "when": time.strftime("%Y-%m-%d"),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    )
     emb = results["embedding"]["metrics"]
     print(
         f"embedding AUROC {emb['auroc']['value']:.3f} "

@@ -6,8 +6,9 @@ Two parts, both measured in this one process:
   update (FFA-LoRA B of SmolLM2-135M, 184k float32), and the coordinator's check of it.
 - **Rounds on loopback**: the same job on a real SuperLink and three real SuperNodes
   (`tests/deployment.py`), once plain (`--insecure`, no node auth, unsigned) and once as
-  documented (TLS, node authentication, signed and verified updates), one after the other
-  (`--repeats 2`: plain, secure, plain, secure). Round wall times come from each run's
+  documented (TLS, node authentication, signed and verified updates), in pairs run
+  A B B A ... (`--repeats 2`: plain, secure, secure, plain), so drift in machine load weighs
+  on both. Round wall times come from each run's
   `summary.json`; round 1 includes the sites' first model load, so the steady-state ratio
   is taken over rounds 2..R.
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import BenchmarkRun, abba  # noqa: E402
 
 
 def _signatures(params: int, repeats: int) -> dict[str, Any]:
@@ -109,10 +110,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="plain/secure pairs")
     parser.add_argument("--params", type=int, default=184_320, help="update size (signatures)")
-    parser.add_argument("--work", help="working directory")
+    parser.add_argument("--work", help="working directory (default: a fresh temporary one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/transport.json"))
     args = parser.parse_args()
+    run = BenchmarkRun(f"transport ({args.model})")
     work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-transport-bench-"))
+    if work.exists() and any(work.iterdir()):  # jobs never resume: each one is a figure
+        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
     work.mkdir(parents=True, exist_ok=True)
 
     model = args.model
@@ -123,11 +127,11 @@ def main() -> None:
     signatures = _signatures(args.params, repeats=20)
     print(json.dumps(signatures), flush=True)
     jobs = []
-    for i in range(args.repeats):
-        for secure in (False, True):
-            job = _job(work, secure, i, model, args.rounds)
-            print(json.dumps(job), flush=True)
-            jobs.append({"secure": secure, **job})
+    for i, side in abba(args.repeats):
+        secure = side == "B"
+        job = _job(work, secure, i, model, args.rounds)
+        print(json.dumps(job), flush=True)
+        jobs.append({"pair": i, "secure": secure, **job})
 
     def steady(secure: bool) -> float:
         return statistics.mean(
@@ -137,16 +141,16 @@ def main() -> None:
     def every(secure: bool) -> float:
         return statistics.mean(s for j in jobs if j["secure"] is secure for s in j["round_seconds"])
 
-    pair_means = [statistics.mean(j["round_seconds"][1:]) for j in jobs]
-    pairs = [s / p for p, s in zip(pair_means[0::2], pair_means[1::2], strict=True)]
+    def pair_mean(i: int, secure: bool) -> float:
+        (job,) = (j for j in jobs if j["pair"] == i and j["secure"] is secure)
+        return statistics.mean(job["round_seconds"][1:])
+
+    pairs = [pair_mean(i, True) / pair_mean(i, False) for i in range(args.repeats)]
     result = {
-        "benchmark": "transport",
-        "command": "python benchmarks/transport.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": args.model,
+        "order": [("secure" if j["secure"] else "plain") + f"-{j['pair']}" for j in jobs],
         "signatures": signatures,
-        "jobs": [{k: v for k, v in j.items() if k != "secure"} for j in jobs],
+        "jobs": [{k: v for k, v in j.items() if k not in ("secure", "pair")} for j in jobs],
         "steady_round_seconds_per_job": [
             {"secure": j["secure"], "mean": statistics.mean(j["round_seconds"][1:])} for j in jobs
         ],
@@ -160,9 +164,7 @@ def main() -> None:
         "secure_over_plain_round_time_all_rounds": every(True) / every(False),
         "target": {"secure_over_plain_round_time": 1.05},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run.write(args.out, result), indent=2))
 
 
 if __name__ == "__main__":

@@ -254,14 +254,18 @@ def test_the_he_mod_leaves_a_refusal_unencrypted(tiny_model_dir: Path, he_keys: 
     assert wire.ARRAYS not in reply.content.array_records
 
 
-def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
-    tiny_model_dir: Path, he_keys: Path, signing_key_file: tuple[Path, Ed25519PrivateKey]
-) -> None:
-    """Through Flower's own mod chain: the signature covers the ciphertexts, which decrypt
-    to global + clip(trained − global, S) + a small noise share, weighted 1/n."""
-    # Prepare
-    path, key = signing_key_file
-    clip, sigma = 0.5, 1e-6
+def _distributed_dp_update(
+    tiny_model_dir: Path,
+    he_keys: Path,
+    *,
+    clip: float,
+    sigma: float,
+    node: dict[str, Any] | None = None,
+    **extra: Any,
+) -> tuple[Message, np.ndarray]:
+    """A site's reply through the mods exactly as registered, under HE with user-level DP, to
+    a global of 0.1 everywhere after a stand-in training step of +3; and what the reply
+    decrypts to, less the global (flattened)."""
     run_config = _he_run(
         tiny_model_dir,
         he_keys,
@@ -269,10 +273,9 @@ def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
             "privacy.mode": "user",
             "privacy.user-clip": clip,
             "privacy.user-noise-multiplier": sigma,
-            "security.sign-updates": True,
+            **extra,
         },
     )
-    msg = _encrypted_global(run_config, 0.1)
 
     def trained(msg: Message) -> RecordDict:
         arrays = {n: a + 3.0 for n, a in wire.record_to_arrays(msg.content[wire.ARRAYS]).items()}
@@ -280,19 +283,55 @@ def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
         return RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.METRICS: metrics})
 
     app = _app({}, _replying(trained, []))
+    reply = app(_encrypted_global(run_config, 0.1), _context(run_config, **(node or {})))
+    he = SiteHE.load(parse_config(run_config), str(he_keys / SECRET_CONTEXT), site=0)
+    back = he.open_global(
+        wire.record_to_ciphertexts(reply.content[wire.ARRAYS]), divisor=0.5, server_key=he.key
+    )
+    return reply, np.concatenate([(a - 0.1).ravel() for a in back.values()])
+
+
+def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
+    tiny_model_dir: Path, he_keys: Path, signing_key_file: tuple[Path, Ed25519PrivateKey]
+) -> None:
+    """Through Flower's own mod chain: the signature covers the ciphertexts, which decrypt
+    to global + clip(trained − global, S) + a small noise share, weighted 1/n."""
+    # Prepare
+    path, key = signing_key_file
+    clip = 0.5
     # Execute
-    reply = app(msg, _context(run_config, **{"signing-key": str(path)}))
+    reply, delta = _distributed_dp_update(
+        tiny_model_dir,
+        he_keys,
+        clip=clip,
+        sigma=1e-6,
+        node={"signing-key": str(path)},
+        **{"security.sign-updates": True},
+    )
     # Assert
     fields = reply.content.config_records[SIGNATURE_RECORD]
     digest = content_digest(reply.content)
     key.public_key().verify(
         bytes(fields["ed25519"]), statement(Claim(RUN_ID, ROUND, NODE_ID, "train"), digest)
     )
-    he = SiteHE.load(parse_config(run_config), str(he_keys / SECRET_CONTEXT), site=0)
     assert reply.content[wire.METRICS][wire.HE_WEIGHT] == pytest.approx(0.5)  # 1/n, n = 2
-    back = he.open_global(
-        wire.record_to_ciphertexts(reply.content[wire.ARRAYS]), divisor=0.5, server_key=he.key
-    )
-    delta = np.concatenate([(a - 0.1).ravel() for a in back.values()])
     assert np.linalg.norm(delta) == pytest.approx(clip, rel=1e-3)
     assert np.allclose(delta, delta[0], atol=1e-4)  # the same direction as the update
+
+
+def test_the_sealed_update_carries_the_sites_noise_share(
+    tiny_model_dir: Path, he_keys: Path
+) -> None:
+    """What the coordinator receives, decrypted, is global + clip(Δ, S) + the site's share of
+    the central noise: per coordinate Gaussian with standard deviation σ·S/√n (n = 2 here),
+    so the encrypted sum of n shares carries one central step's noise."""
+    # Prepare
+    clip, sigma, sites = 0.5, 1.0, 2
+    # Execute
+    _, sent = _distributed_dp_update(tiny_model_dir, he_keys, clip=clip, sigma=sigma)
+    # Assert
+    clipped = np.full(sent.size, clip / np.sqrt(sent.size))  # Δ = 3 everywhere, clipped to S
+    noise = sent - clipped
+    assert sent.size >= 500  # enough coordinates to estimate the spread to ~3%
+    assert float(noise.std()) == pytest.approx(sigma * clip / np.sqrt(sites), rel=0.1)
+    assert abs(float(noise.mean())) < 5 * sigma * clip / np.sqrt(sites * sent.size)

@@ -161,6 +161,30 @@ def test_under_he_a_site_claiming_more_examples_than_before_round_1_is_rejected(
     assert he.divisor == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("factor", [2.0, 0.5, 1.05], ids=["double", "half", "five-percent-more"])
+def test_under_he_a_weight_other_than_the_sites_public_share_is_rejected(
+    tiny_model_dir: Path, tmp_path: Path, he_keys: Path, factor: float
+) -> None:
+    """A site that claims its true count but weights its ciphertexts by anything other than
+    its public share (count / the unit fixed before round 1) is left out, by name, and the
+    divisor sent to the sites counts only the shares that were added."""
+    # Prepare
+    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    he = run.pipeline.stage("he-sum")
+    he.open_round()
+    share = TRAIN_EXAMPLES / (3 * TRAIN_EXAMPLES)
+    replies = [
+        _sealed(run, 0, TRAIN_EXAMPLES, share),
+        _sealed(run, 1, TRAIN_EXAMPLES, share * factor),
+        _sealed(run, 2, TRAIN_EXAMPLES, share),
+    ]
+    # Execute
+    reasons = _rejections(run, replies)
+    # Assert
+    assert len(reasons) == 1 and "site 1" in reasons[0] and "weight" in reasons[0]
+    assert he.divisor == pytest.approx(2 * share)
+
+
 def test_under_he_a_false_count_reported_later_does_not_move_the_weight_unit(
     tiny_model_dir: Path, tmp_path: Path, he_keys: Path
 ) -> None:
@@ -190,3 +214,41 @@ def test_a_site_refuses_a_decrypted_global_with_values_past_the_norm_bound(
     # Execute / Assert
     with pytest.raises(InvalidUpdateError, match="norm"):
         he.open_global(blobs, divisor=1.0, server_key=he.key, max_norm=100.0)
+
+
+def test_a_site_refuses_to_seal_values_the_sum_could_wrap_past_the_first_prime(
+    tiny_model_dir: Path, tmp_path: Path, he_keys: Path
+) -> None:
+    """The wrap is real: eight contributions TenSEAL encrypts without complaint sum, under
+    the default chain, past the first prime's headroom and decrypt to garbage (which the
+    check slot catches). A site refuses to seal such values for a sum of eight, naming the
+    first prime, and seals those just inside the limit, whose sum decrypts exactly."""
+    # Prepare
+    from fedllm.errors import ProtectionUnavailableError
+    from fedllm.secure.he import EncryptedSum, encrypt_chunks
+
+    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    he = SiteHE.load(run.cfg, run.cfg.he.site_context, site=0)
+    sites = 8
+    limit = run.cfg.he.params.max_sum_magnitude / sites  # what one site may send
+
+    def filled(value: float) -> dict[str, np.ndarray]:
+        return {n: np.full(a.shape, value, np.float32) for n, a in run.ctx.arrays.items()}
+
+    def summed(blobs: list[bytes]) -> dict[str, np.ndarray]:
+        total = EncryptedSum(he.ctx, he.key, he.packing.chunk_sizes)
+        for site in range(sites):
+            total.add(
+                blobs, weight=1.0, key=he.key, digest=payload_digest(blobs), sender="s", site=site
+            )
+        return he.open_global(total.blobs(), divisor=total.weight, server_key=he.key)  # mean
+
+    # Execute
+    bypassed = encrypt_chunks(he.ctx, he.packing.pack(filled(3 * limit), 1.0))
+    inside = summed(he.seal(filled(0.97 * limit), weight=1.0, num_sites=sites))
+    # Assert: past the limit the sum wraps, garbling every slot (the check slot too)
+    with pytest.raises(InvalidUpdateError, match="integrity check"):
+        summed(bypassed)
+    with pytest.raises(ProtectionUnavailableError, match="first prime"):
+        he.seal(filled(3 * limit), weight=1.0, num_sites=sites)
+    assert all(np.allclose(a, 0.97 * limit, rtol=1e-6) for a in inside.values())

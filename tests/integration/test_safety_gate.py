@@ -66,7 +66,7 @@ def _write_inputs(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gated_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two rounds without DP, screened at round 0 (the base model) and round 2."""
+    """Two rounds of record-level DP-SGD, screened at round 0 (the base model) and round 2."""
     root = tmp_path_factory.mktemp("safety")
     inputs = _write_inputs(root)
     overrides = {
@@ -78,11 +78,12 @@ def gated_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "data.partitioner": "iid",
         "data.max-length": 256,
         "eval.max-examples": 2,
-        "privacy.mode": "none",
+        "privacy.mode": "record",  # a rolled-back round has still spent its privacy
+        "privacy.max-grad-norm": 10.0,  # clipped at 1, it still says nothing after 2 rounds
         "lora.ffa": False,
         "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "train.local-steps": 10,
-        "train.batch-size": 32,  # every example every step: the same updates every run
+        "train.batch-size": 32,  # about every example every step
         "train.learning-rate": 0.05,
         "safety.screen-every": 2,
         "safety.filter": f"lexicon:{inputs['lexicon']}",
@@ -138,6 +139,29 @@ def test_tripped_gate_rolls_the_round_back_to_the_previous_adapter(
     assert round_1.keys() == round_2.keys()
     assert all(np.array_equal(round_1[n], round_2[n]) for n in round_1)
     assert any(np.abs(a).sum() > 0 for n, a in round_1.items() if ".lora_B." in n)
+
+
+def test_a_rolled_back_round_keeps_the_sites_privacy_spend(gated_run: dict[str, Any]) -> None:
+    """Round 2 was rolled back, but its training happened on the sites' data: every site's
+    round-2 DP-SGD spend stays in the run's ledger and in the site's own, and the ε the
+    summary reports is the two-round figure, above the one after round 1."""
+    # Prepare
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.rundir import RunDir
+
+    run = RunDir.at(gated_run["dir"])
+    # Execute
+    records = Ledger(run.ledger_path).records()
+    sites = {s: Ledger(RunDir.site_ledger_path(run.path, s)).records() for s in range(SITES)}
+    # Assert
+    assert gated_run["summary"]["safety"]["rollbacks"][0]["round"] == 2
+    assert sorted((r["round"], r["site"]) for r in records) == [
+        (r, s) for r in (1, 2) for s in range(SITES)
+    ]
+    for s, own in sites.items():
+        assert [r["round"] for r in own] == [1, 2]
+        assert own[1]["guarantee"] > own[0]["guarantee"]
+        assert gated_run["summary"]["epsilon"][str(s)] == pytest.approx(own[1]["guarantee"])
 
 
 def test_per_probe_records_go_to_a_file_not_the_summary(gated_run: dict[str, Any]) -> None:

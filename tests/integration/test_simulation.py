@@ -215,23 +215,59 @@ def test_rerun_with_same_name_resumes_without_retraining(dp_run: dict[str, Any])
         assert info["epsilon"]["2"] == before["sites"][site]["epsilon"]["2"]
 
 
+def _adapter_copy(checkpoint: Path, out: Path, scale_b: float) -> Path:
+    """A copy of a plaintext peft checkpoint with every LoRA B multiplied by `scale_b`."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from fedllm.model import ADAPTER_FILE
+
+    shutil.copytree(checkpoint, out)
+    tensors = load_file(out / ADAPTER_FILE)
+    scaled = {n: t * scale_b if ".lora_B." in n else t for n, t in tensors.items()}
+    save_file(scaled, out / ADAPTER_FILE)
+    return out
+
+
 def test_cli_shows_the_run_and_generates_with_its_adapter(
-    dp_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    dp_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`fedllm runs show` prints the per-site table; `fedllm generate` answers a prompt."""
+    """`fedllm runs show` prints the per-site table; `fedllm generate --run` answers with the
+    final adapter the run's summary names applied. The tiny model's DP-trained adapter is too
+    small to change its answer, so a copy of the run names a strong one (B x 1000): `--run`
+    then answers as that adapter does, and not as the base model (B = 0)."""
     # Prepare
+    import shutil
+
     from fedllm.cli import main as cli_main
 
-    run_dir = str(dp_run["dir"])
+    final = Path(dp_run["summary"]["adapter"]["final_checkpoint"])
+    strong = _adapter_copy(final, tmp_path / "strong", 1000.0)
+    base = _adapter_copy(final, tmp_path / "zero", 0.0)
+    copy = tmp_path / "run"
+    shutil.copytree(dp_run["dir"], copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["adapter"]["final_checkpoint"] = str(strong)
+    (copy / "summary.json").write_text(json.dumps(summary))
+
+    def generate(run: Path, *extra: str) -> str:
+        args = ["generate", "--run", str(run), "--max-new-tokens", "8", *extra, "What is AI?"]
+        assert cli_main(args) == 0
+        return capsys.readouterr().out
+
     # Execute
-    show_code = cli_main(["runs", "show", run_dir])
+    show_code = cli_main(["runs", "show", str(dp_run["dir"])])
     shown = capsys.readouterr().out
-    gen_code = cli_main(["generate", "--run", run_dir, "--max-new-tokens", "5", "What is AI?"])
-    answer = capsys.readouterr().out
+    answer = generate(dp_run["dir"])
+    by_run = generate(copy)
+    by_hand = generate(copy, "--adapter", str(strong))
+    by_base = generate(copy, "--adapter", str(base))
     # Assert
-    assert show_code == 0 and gen_code == 0
+    assert show_code == 0
     assert "tiny-dp" in shown and "epsilon" in shown and "final adapter" in shown
-    assert answer.endswith("\n")  # the tiny model's answer may be only special tokens
+    assert answer.endswith("\n")
+    assert by_run == by_hand and by_run != by_base
 
 
 def test_audit_report_is_self_contained_and_states_the_ledger_check(
