@@ -2,9 +2,8 @@
 
 Thin by design: the handlers read the config and the context, call `fedllm.site` and pack a
 plaintext reply. Each site appends every DP-SGD spend to its own hash-chained ledger (fsync'd
-before the update leaves) and reports its cumulative ε, resumed runs included. What is done
-to a reply before it leaves (distributed-DP noise share, HE, signature) is `fedllm.mods`.
-"""
+before the update leaves) and reports its cumulative ε. What is done to a request and a reply
+(the site's policy, distributed-DP noise share, HE, signature) is `fedllm.mods`."""
 
 from __future__ import annotations
 
@@ -18,11 +17,11 @@ from flwr.clientapp import ClientApp
 
 from fedllm import wire as w
 from fedllm.config import FedllmConfig
-from fedllm.errors import BudgetExceededError
+from fedllm.errors import BudgetExceededError, PolicyRefusedError
 from fedllm.mods import reply_mods, train_mods
 from fedllm.mods.context import partition, site_config
+from fedllm.mods.policy import site_budget, site_policy
 from fedllm.privacy.backfill import history_metrics
-from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.ledger import Ledger
 from fedllm.rundir import RunDir
 from fedllm.secure.at_rest import configured_key
@@ -52,8 +51,8 @@ def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Messa
 
 
 def _site_ledger(cfg: FedllmConfig, context: Context, site: int) -> Ledger:
-    """This site's ledger (under the node config's `state-dir`, if given), sealed under the
-    node's `at-rest-key`, else security.at-rest-key (an unusable key stops it before training)."""
+    """This site's ledger (under the node config's `state-dir`, if given), sealed under its
+    `at-rest-key`, else security.at-rest-key (a bad key stops it before training)."""
     root = context.node_config.get("state-dir")
     base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
     key = configured_key(str(context.node_config.get("at-rest-key") or cfg.security.at_rest_key))
@@ -66,12 +65,7 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
     site, num_sites = partition(context)
     data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites)
     ledger = _site_ledger(cfg, context, data.site)
-    site_cap = context.node_config.get("epsilon-max")
-    budget = effective_budget(
-        epsilon_max=cfg.privacy.epsilon_max,
-        target_epsilon=cfg.privacy.target_epsilon,
-        site_epsilon_max=float(site_cap) if site_cap is not None else None,
-    )
+    policy = site_policy(context)  # PolicyMod has checked what the request states
     try:
         out = run_train(
             cfg,
@@ -80,9 +74,10 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
             PrivacyState.from_ledger(ledger.records()),
             pad_token_id=int(tokenizer.pad_token_id),
             proximal_mu=float(config.get(w.PROXIMAL_MU, 0.0)),
-            budget=budget,
+            budget=site_budget(cfg, context, policy),
+            policy=policy,
         )
-    except BudgetExceededError as e:
+    except (BudgetExceededError, PolicyRefusedError) as e:
         # A refusal is an answer, not a failure: the server leaves this site out and says why.
         log.warning("%s", e)
         return Message(content=w.refusal_content(data.site, str(e)), reply_to=msg)

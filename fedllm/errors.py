@@ -10,6 +10,7 @@ __all__ = [
     "InvalidUpdateError",
     "KeyFileError",
     "ModelError",
+    "PolicyRefusedError",
     "ProtectionUnavailableError",
     "RunDirError",
     "TransportError",
@@ -46,6 +47,10 @@ class ProtectionUnavailableError(FedllmError):
 
 class BudgetExceededError(FedllmError):
     """Training another round would exceed a site's privacy budget."""
+
+
+class PolicyRefusedError(FedllmError):
+    """A request would lower a site's protection below its own policy (`fedllm.site_policy`)."""
 
 
 class RunDirError(FedllmError):

@@ -37,6 +37,7 @@ from fedllm.privacy.budget import check_budget
 from fedllm.privacy.dpsgd import DPSettings
 from fedllm.privacy.ledger import DP_SGD, dp_sgd_entry
 from fedllm.safety.screen import drop_flagged
+from fedllm.site_policy import SitePolicy
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
 
 __all__ = [
@@ -237,6 +238,7 @@ def run_train(
     pad_token_id: int,
     proximal_mu: float = 0.0,
     budget: float | None = None,
+    policy: SitePolicy | None = None,
 ) -> SiteRound:
     """Train one round from the global `arrays`; `state` gains this round's DP steps.
 
@@ -244,6 +246,8 @@ def run_train(
     ------
     BudgetExceededError
         Before any training, if the round would take the site past `budget`.
+    PolicyRefusedError
+        Before any training, if its σ or δ falls short of the site's `policy`.
     """
     n = data.num_records
     dp = None
@@ -254,6 +258,8 @@ def run_train(
             state.delta = cfg.privacy.delta or default_delta(n)
         if not state.noise_multiplier:
             state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
+        if policy is not None:
+            policy.check_dp(state.noise_multiplier, state.delta, site=data.site)
         report = check_budget(
             state.history,
             (state.noise_multiplier, sample_rate, cfg.train.local_steps),

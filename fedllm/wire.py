@@ -38,6 +38,7 @@ __all__ = [
     "record_to_arrays",
     "record_to_ciphertexts",
     "refusal_content",
+    "refusal_reason",
     "reply_site",
     "route_fedllm_logs",
     "sign_reply",
@@ -305,6 +306,13 @@ def refusal_content(site: int, reason: str) -> RecordDict:
     examples, and why in the `refusal` record."""
     metrics = MetricRecord({SITE: site, REFUSED: 1, NUM_EXAMPLES: 0})
     return RecordDict({METRICS: metrics, REFUSAL: ConfigRecord({REASON: reason})})
+
+
+def refusal_reason(content: RecordDict) -> str | None:
+    """Why a site refused the request this reply answers, or None if it did not refuse."""
+    if not content[METRICS].get(REFUSED):
+        return None
+    return str(content[REFUSAL][REASON])
 
 
 def evaluate_metrics(res: Any, *, site: int, train_examples: int) -> dict[str, Any]:

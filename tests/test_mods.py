@@ -24,7 +24,7 @@ from fedllm import wire
 from fedllm.config import parse_config
 from fedllm.errors import KeyFileError, ProtectionUnavailableError
 from fedllm.model import adapter_spec
-from fedllm.mods import DistributedDPMod, HEMod, SignMod, reply_mods, train_mods
+from fedllm.mods import DistributedDPMod, HEMod, PolicyMod, SignMod, reply_mods, train_mods
 from fedllm.secure.he import SECRET_CONTEXT, payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest, statement
@@ -95,11 +95,12 @@ def _app(overrides: dict[str, Any], handler: Handler) -> ClientApp:
 
 
 def test_the_mods_are_listed_in_the_documented_order() -> None:
-    """Signing outermost, HE inside it, distributed DP on the train function only."""
+    """Signing outermost, the site's policy inside it (its refusals are signed, and come
+    before anything is decrypted), HE inside that, distributed DP on the train function only."""
     # Execute
     around_every, around_train = reply_mods({}), train_mods({})
     # Assert
-    assert [type(m) for m in around_every] == [SignMod, HEMod]
+    assert [type(m) for m in around_every] == [SignMod, PolicyMod, HEMod]
     assert [type(m) for m in around_train] == [DistributedDPMod]
 
 

@@ -36,9 +36,12 @@ def site_config(msg: Message, context: Context, overrides: Mapping[str, Any]) ->
     FedllmConfig
         A fresh config: callers may change it without touching another's.
     """
-    cfg = parse_config({**context.run_config, **overrides})
-    cfg.run.name = str(msg.content[CONFIG].get(RUN_NAME, cfg.run.name))
-    return cfg
+    flat = {**context.run_config, **overrides}
+    if RUN_NAME in msg.content[CONFIG]:
+        # Validated like any run.name: the site builds paths from it, so a name from the
+        # coordinator with '/' or '..' stops the site (ConfigError) before anything is read.
+        flat["run.name"] = msg.content[CONFIG][RUN_NAME]
+    return parse_config(flat)
 
 
 def partition(context: Context) -> tuple[int, int]:

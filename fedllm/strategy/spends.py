@@ -14,7 +14,7 @@ from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.backfill import missing_spends
 from fedllm.privacy.ledger import dp_sgd_entry
 from fedllm.strategy.base import Stage
-from fedllm.wire import METRICS, REFUSAL, REFUSED, reply_site, spend_metrics
+from fedllm.wire import METRICS, refusal_reason, reply_site, spend_metrics
 
 __all__ = ["Spends"]
 
@@ -23,11 +23,6 @@ class Spends(Stage):
     """Refusals out, spends into the run ledger (record-level DP)."""
 
     name = "spends"
-
-    def _refusal(self, reply: Message) -> str | None:
-        if not reply.content[METRICS].get(REFUSED):
-            return None
-        return str(reply.content[REFUSAL]["reason"])
 
     def record_spend(self, server_round: int, reply: Message) -> None:
         """Append the reply's spend (and any spend of earlier rounds the run ledger lacks)."""
@@ -52,7 +47,7 @@ class Spends(Stage):
         kept = []
         for reply in replies:
             try:
-                reason = self._refusal(reply)
+                reason = refusal_reason(reply.content)
                 if reason is not None:
                     site = reply_site(reply.content)
                     node = reply.metadata.src_node_id

@@ -5,7 +5,7 @@ stops the run with the last global adapter."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import ERROR
+from logging import ERROR, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -24,6 +24,7 @@ from fedllm.wire import (
     TRAIN_FIGURES,
     check_figures,
     record_to_arrays,
+    refusal_reason,
     reply_site,
 )
 
@@ -132,6 +133,11 @@ class Validate(Stage):
         for reply in replies:
             try:
                 site = reply_site(reply.content)
+                reason = refusal_reason(reply.content)
+                if reason is not None:  # the site's policy: recorded, never an error
+                    log(WARNING, "fedllm: site %s refused round %d: %s", site, server_round, reason)
+                    self.ctx.book.refuse(server_round, site, reason)
+                    continue
                 metrics = dict(reply.content[METRICS])
                 sender = f"site {site} (node {reply.metadata.src_node_id})"
                 check_figures(metrics, EVALUATE_FIGURES, sender=sender)
