@@ -19,7 +19,7 @@ from fedllm import wire as w
 from fedllm.config import FedllmConfig
 from fedllm.errors import BudgetExceededError, PolicyRefusedError
 from fedllm.mods import reply_mods, train_mods
-from fedllm.mods.context import partition, site_config
+from fedllm.mods.context import local_data, partition, site_config
 from fedllm.mods.policy import site_budget, site_policy
 from fedllm.privacy.backfill import history_metrics
 from fedllm.privacy.ledger import Ledger
@@ -63,7 +63,7 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
     """Train one round; reply with the trainable adapter tensors and the privacy spend."""
     cfg, config = site_config(msg, context, overrides), msg.content[w.CONFIG]
     site, num_sites = partition(context)
-    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites)
+    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites, local=local_data(context))
     ledger = _site_ledger(cfg, context, data.site)
     policy = site_policy(context)  # PolicyMod has checked what the request states
     try:
@@ -105,7 +105,7 @@ def _evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Mess
     """Evaluate the global adapter on this site's held-out split."""
     cfg = site_config(msg, context, overrides)
     site, num_sites = partition(context)
-    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites)
+    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites, local=local_data(context))
     arrays = w.record_to_arrays(msg.content[w.ARRAYS])  # plaintext: HEMod opened it
     res = run_evaluate(cfg, data, arrays, pad_token_id=int(tokenizer.pad_token_id))
     metrics = w.evaluate_metrics(res, site=data.site, train_examples=data.num_records)

@@ -41,6 +41,7 @@ from fedllm.site_policy import SitePolicy
 from fedllm.train import EvalResult, TrainResult, evaluate, train_local
 
 __all__ = [
+    "LocalData",
     "PrivacyState",
     "SiteData",
     "SiteRound",
@@ -56,6 +57,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Features = list[dict[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A site's own data, named in its node config (`data`, and the field mapping beside it):
+    the coordinator's run config then names no data of this site, and nothing is
+    partitioned. A JSONL, JSON or CSV file, or a `datasets.save_to_disk` folder."""
+
+    path: str
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    category_field: str = ""
 
 
 @dataclass
@@ -75,8 +88,19 @@ class SiteData:
         return len(self.train) + self.virtual_records
 
 
-def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: object) -> SiteData:
-    """Partition the configured source and keep this site's share, split train/held-out."""
+def _site_examples(cfg: FedllmConfig, *, site: int, num_sites: int, local: LocalData | None) -> Any:
+    """This site's examples: its own data if it names some, else its partition of the
+    run's `data.source`."""
+    if local is not None:
+        try:
+            return load_examples(
+                local.path,
+                prompt_field=local.prompt_field,
+                response_field=local.response_field,
+                category_field=local.category_field or None,
+            )
+        except DataError as e:
+            raise DataError(f"site {site}: node config 'data' = {local.path!r}: {e}") from e
     if not 0 <= site < num_sites:
         raise DataError(f"site index {site} is outside 0..{num_sites - 1}; fix 'partition-id'.")
     examples = load_examples(
@@ -85,15 +109,27 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
         response_field=cfg.data.response_field,
         category_field=cfg.data.category_field or None,
     )
-    parts = partition_examples(
+    return partition_examples(
         examples,
         num_sites=num_sites,
         scheme=cfg.data.partitioner,
         seed=cfg.run.seed,
         alpha=cfg.data.dirichlet_alpha,
-    )
+    )[site]
+
+
+def load_site_data(
+    cfg: FedllmConfig,
+    *,
+    site: int,
+    num_sites: int,
+    tokenizer: object,
+    local: LocalData | None = None,
+) -> SiteData:
+    """This site's examples (`_site_examples`), split train/held-out at the site."""
+    examples = _site_examples(cfg, site=site, num_sites=num_sites, local=local)
     train_ds, eval_ds = split_train_eval(
-        parts[site],
+        examples,
         eval_fraction=cfg.data.eval_fraction,
         max_eval_examples=cfg.eval.max_examples,
         seed=cfg.run.seed,
@@ -117,7 +153,7 @@ def load_site_data(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: o
         site=site,
         train=train,
         eval=held_out,
-        categories=sorted(set(parts[site]["category"])),
+        categories=sorted(set(examples["category"])),
         virtual_records=virtual,
         safety_dropped=dropped,
     )
@@ -335,18 +371,20 @@ def run_evaluate(
 # A simulated site's process serves train and evaluate calls every round; re-tokenizing the
 # partition (~0.5 s) each time is pure waste. It is a deterministic function of the key, so a
 # small per-process memo is safe.
-def site_data_for(cfg: FedllmConfig, *, site: int, num_sites: int) -> tuple[SiteData, object]:
+def site_data_for(
+    cfg: FedllmConfig, *, site: int, num_sites: int, local: LocalData | None = None
+) -> tuple[SiteData, object]:
     """This site's data and the tokenizer, memoised per every setting `load_site_data` reads:
     the data, model (tokenizer), eval, safety and audit sections, train.device (the safety
-    filter's device) and run.seed."""
+    filter's device), run.seed and the site's own data."""
     key = json.dumps(
         [cfg.to_dict()[k] for k in _SITE_DATA_SECTIONS]
-        + [cfg.train.device, cfg.run.seed, site, num_sites],
+        + [cfg.train.device, cfg.run.seed, site, num_sites, repr(local)],
         sort_keys=True,
     )
     if key not in _SITE_DATA:
         tokenizer = tokenizer_for(cfg)
-        data = load_site_data(cfg, site=site, num_sites=num_sites, tokenizer=tokenizer)
+        data = load_site_data(cfg, site=site, num_sites=num_sites, tokenizer=tokenizer, local=local)
         if len(_SITE_DATA) >= _MAX_CACHED_SITES:  # one simulation process serves many sites
             _SITE_DATA.pop(next(iter(_SITE_DATA)))
         _SITE_DATA[key] = (data, tokenizer)

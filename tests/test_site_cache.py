@@ -17,7 +17,9 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[FedllmConfig]:
     model, no data) and an empty memo."""
     calls: list[FedllmConfig] = []
 
-    def fake_load(cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: object) -> Any:
+    def fake_load(
+        cfg: FedllmConfig, *, site: int, num_sites: int, tokenizer: object, local: object
+    ) -> Any:
         calls.append(cfg)
         return object()
 
@@ -64,3 +66,21 @@ def test_a_setting_load_site_data_ignores_reuses_the_memo(loads: list[FedllmConf
     again, _ = site.site_data_for(parse_config({"train.learning-rate": 0.5}), site=0, num_sites=3)
     # Assert
     assert again is first and len(loads) == 1
+
+
+def test_a_sites_own_data_or_its_field_mapping_gets_its_own_memo_entry(
+    loads: list[FedllmConfig],
+) -> None:
+    """A site that names (other) data of its own in its node config loads it again."""
+    # Prepare
+    cfg = parse_config({})
+    shared, _ = site.site_data_for(cfg, site=0, num_sites=3)
+    # Execute
+    own, _ = site.site_data_for(cfg, site=0, num_sites=3, local=site.LocalData("/a.jsonl"))
+    mapped, _ = site.site_data_for(
+        cfg, site=0, num_sites=3, local=site.LocalData("/a.jsonl", prompt_field="q")
+    )
+    again, _ = site.site_data_for(cfg, site=0, num_sites=3, local=site.LocalData("/a.jsonl"))
+    # Assert
+    assert len({id(shared), id(own), id(mapped)}) == 3
+    assert again is own and len(loads) == 3

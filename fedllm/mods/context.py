@@ -14,9 +14,10 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedllm.config import FedllmConfig, parse_config
+from fedllm.site import LocalData
 from fedllm.wire import CONFIG, RUN_NAME
 
-__all__ = ["SiteMod", "partition", "site_config"]
+__all__ = ["SiteMod", "local_data", "partition", "site_config"]
 
 
 def site_config(msg: Message, context: Context, overrides: Mapping[str, Any]) -> FedllmConfig:
@@ -48,6 +49,20 @@ def partition(context: Context) -> tuple[int, int]:
     """This node's partition id (its site index) and the number of partitions."""
     node = context.node_config
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+
+
+def local_data(context: Context) -> LocalData | None:
+    """The site's own data, if its node config names some (`data`, with `data-prompt-field`,
+    `data-response-field` and `data-category-field` beside it)."""
+    node = context.node_config
+    if not node.get("data"):
+        return None
+    return LocalData(
+        path=str(node["data"]),
+        prompt_field=str(node.get("data-prompt-field", "prompt")),
+        response_field=str(node.get("data-response-field", "response")),
+        category_field=str(node.get("data-category-field", "")),
+    )
 
 
 class SiteMod:

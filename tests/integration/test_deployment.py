@@ -2,7 +2,9 @@
 
 Everything is a process started the documented way (`fedllm pki init`, `fedllm superlink`,
 `fedllm pki register`, `fedllm supernode`, `flwr run <app> <connection>`), on 127.0.0.1
-only, with a tiny model. One job of three rounds carries every case (each SuperNode starts a
+only, with a tiny model. Each site trains on its own local file, in its own format and size,
+named in its node config (the run config's data.source does not exist). One job of three
+rounds carries every case (each SuperNode starts a
 process per message, ~12 CPU-seconds each: a second job would double the test's cost):
 
 1. round 1 is honest: every site takes part, every update's signature verifies;
@@ -45,6 +47,39 @@ def _job(fed: LoopbackFederation, tiny: Path, name: str, **extra: Any) -> dict[s
     }
 
 
+SITE_RECORDS = {0: 48, 1: 30, 2: 64}  # each site's own file, in its own format and size
+
+
+def _site_files(folder: Path) -> dict[int, str]:
+    """Each site's own data and the node config naming it: JSONL (prompt/response), CSV with
+    other field names (q/a), and a `datasets.save_to_disk` folder of chat messages."""
+    import datasets
+
+    folder.mkdir()
+
+    def rows(site: int) -> list[tuple[str, str]]:
+        topic = ("gardens", "rivers", "violins")[site]
+        return [
+            (f"Say something about {topic} ({i}).", f"{topic} are lovely.")
+            for i in range(SITE_RECORDS[site])
+        ]
+
+    (folder / "site-0.jsonl").write_text(
+        "".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in rows(0))
+    )
+    (folder / "site-1.csv").write_text("q,a\n" + "".join(f'"{q}","{a}"\n' for q, a in rows(1)))
+    messages = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in rows(2)
+    ]
+    datasets.Dataset.from_list(messages).save_to_disk(str(folder / "site-2"))
+    return {
+        0: f'data="{folder / "site-0.jsonl"}"',
+        1: f'data="{folder / "site-1.csv"}" data-prompt-field="q" data-response-field="a"',
+        2: f'data="{folder / "site-2"}"',
+    }
+
+
 def _summary(root: Path, name: str, log: str) -> dict[str, Any]:
     """The job's summary.json; if it wrote none, fail with the end of its streamed log."""
     path = root / "out" / name / "summary.json"
@@ -57,9 +92,11 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("deploy")
     rogue = init_pki(root / "rogue-pki", hosts=["127.0.0.1"], sites=["rogue"])  # never registered
     assert rogue["sites"]
+    data = _site_files(root / "site-data")
     node_config = {
-        1: 'adversary="replay@2"',
-        2: f'adversary="tamper@2,stall@3" marker-dir="{root}"',
+        0: data[0],
+        1: f'{data[1]} adversary="replay@2"',
+        2: f'{data[2]} adversary="tamper@2,stall@3" marker-dir="{root}"',
     }
     out: dict[str, Any] = {"root": root}
     with LoopbackFederation(root, node_config=node_config, heartbeat_interval=10) as fed:
@@ -86,10 +123,10 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                 "--max-retries", "1", "--port", str(free_port()),
             ],
         )  # fmt: skip
-        job = fed.run(
-            _job(fed, tiny_model_dir, "faults", **{"run.rounds": 3, "run.min-sites": 1}),
-            app=adversary_app(root),
-        )
+        # The coordinator names no site's data: its data.source does not even exist.
+        nowhere = str(root / "the-coordinator-holds-no-data.jsonl")
+        config = {"run.rounds": 3, "run.min-sites": 1, "data.source": nowhere}
+        job = fed.run(_job(fed, tiny_model_dir, "faults", **config), app=adversary_app(root))
         for name in ("unregistered", "no-ca"):
             out[f"{name}_rc"] = fed.procs[name].wait(timeout=120)
             out[f"{name}_log"] = fed.log(name)
@@ -127,6 +164,21 @@ def test_tls_job_completes_with_all_three_sites_and_every_signature_verifies(
         assert sorted(verified[str(p["round"])]["train"]) == p["aggregated"]
     assert s["security"]["sign_updates"] is True
     assert set(s["security"]["site_keys"]) == {"0", "1", "2"}
+
+
+def test_each_site_trains_on_its_own_file_and_its_held_out_loss_falls(
+    deployment: dict[str, Any],
+) -> None:
+    """Three sites, three local files in three formats and sizes that the run config never
+    names (its data.source does not exist): each trained on its own records only, split at
+    the site, and the global adapter's loss on each site's held-out records fell."""
+    s = deployment["faults"]
+    for site, records in SITE_RECORDS.items():
+        info = s["sites"][str(site)]
+        assert 0 < info["num_examples"] < records  # its own file, less its held-out split
+        losses = [x for x in info["eval_loss"] if x is not None]
+        assert len(losses) >= 3 and losses[-1] < losses[0], (site, losses)
+    assert len({s["sites"][str(k)]["num_examples"] for k in SITE_RECORDS}) == 3
 
 
 def test_the_superlink_speaks_only_tls_with_the_federations_certificate(
