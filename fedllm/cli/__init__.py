@@ -3,7 +3,7 @@
 Every `FedllmError` becomes one line on stderr and exit code 2, never a traceback.
 
 One module per verb group, each adding its parsers with `add_parsers(sub)`, in the order
-`fedllm --help` lists them: `runs`, `generate`, `keys`, `he`, `model`, `audit`, `config`,
+`fedllm --help` lists them: `runs`, `generate`, `keys`, `he`, `model`, `data`, `audit`, `config`,
 `federation` (the one CLI module that imports Flower), `deploy` (`pki`, `superlink`,
 `supernode`) and `safety`. A handler imports what is heavy (numpy, torch, Flower) itself, so
 building the parser, and `fedllm --help`, stays fast.
@@ -16,12 +16,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fedllm.cli import audit, config, deploy, federation, generate, he, keys, model, runs, safety
+from fedllm.cli import (
+    audit,
+    config,
+    data,
+    deploy,
+    federation,
+    generate,
+    he,
+    keys,
+    model,
+    runs,
+    safety,
+)
 from fedllm.errors import FedllmError
 
 __all__ = ["build_parser", "main"]
 
-_VERB_GROUPS = (runs, generate, keys, he, model, audit, config, federation, deploy, safety)
+_VERB_GROUPS = (runs, generate, keys, he, model, data, audit, config, federation, deploy, safety)
 
 
 def build_parser() -> argparse.ArgumentParser:
