@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm import wire as w
-from fedllm.config import FedllmConfig
 from fedllm.errors import BudgetExceededError, PolicyRefusedError
 from fedllm.mods import reply_mods, train_mods
 from fedllm.mods.context import local_data, partition, site_config
-from fedllm.mods.policy import site_budget, site_policy
+from fedllm.mods.policy import node_epsilon_max, site_budget, site_policy
 from fedllm.privacy.backfill import history_metrics
-from fedllm.privacy.ledger import Ledger
-from fedllm.rundir import RunDir
-from fedllm.secure.at_rest import configured_key
-from fedllm.site import PrivacyState, run_evaluate, run_train, site_data_for, spend_record
+from fedllm.site import run_evaluate, run_train, site_data_for, spend_record
+from fedllm.site_ledgers import SiteLedgers
 
 log = logging.getLogger("fedllm.client")
 w.route_fedllm_logs()
@@ -50,32 +46,27 @@ def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Messa
     return create_app(overrides)(msg, context)
 
 
-def _site_ledger(cfg: FedllmConfig, context: Context, site: int) -> Ledger:
-    """This site's ledger (under the node config's `state-dir`, if given), sealed under its
-    `at-rest-key`, else security.at-rest-key (a bad key stops it before training)."""
-    root = context.node_config.get("state-dir")
-    base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
-    key = configured_key(str(context.node_config.get("at-rest-key") or cfg.security.at_rest_key))
-    return Ledger(RunDir.site_ledger_path(base, site), key=key)
-
-
 def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and the privacy spend."""
     cfg, config = site_config(msg, context, overrides), msg.content[w.CONFIG]
     site, num_sites = partition(context)
     data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites, local=local_data(context))
-    ledger = _site_ledger(cfg, context, data.site)
+    ledgers = SiteLedgers.open(
+        cfg, context.node_config, site=data.site, fingerprint=data.fingerprint
+    )
     policy = site_policy(context)  # PolicyMod has checked what the request states
     try:
         out = run_train(
             cfg,
             data,
             w.record_to_arrays(msg.content[w.ARRAYS]),  # plaintext: HEMod opened it
-            PrivacyState.from_ledger(ledger.records()),
+            ledgers.run_state(),
             pad_token_id=int(tokenizer.pad_token_id),
             proximal_mu=float(config.get(w.PROXIMAL_MU, 0.0)),
             budget=site_budget(cfg, context, policy),
             policy=policy,
+            lifetime=ledgers.lifetime_history(),
+            lifetime_budget=policy.cap(node_epsilon_max(context)),
         )
     except (BudgetExceededError, PolicyRefusedError) as e:
         # A refusal is an answer, not a failure: the server leaves this site out and says why.
@@ -84,13 +75,13 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
     record_level = cfg.privacy.record_level
     if record_level:  # the spend is durable at the site before the update leaves it
         server_round = int(config.get(w.SERVER_ROUND, 0))
-        ledger.append(spend_record(cfg, out, site=data.site, server_round=server_round))
+        ledgers.append(spend_record(cfg, out, site=data.site, server_round=server_round))
     metrics = MetricRecord(
         w.train_metrics(
             out,
             site=data.site,
             max_grad_norm=cfg.privacy.max_grad_norm if record_level else 0.0,
-            history=history_metrics(ledger.records()) if record_level else {},
+            history=history_metrics(ledgers.run.records()) if record_level else {},
         )
     )
     if cfg.safety.screen_site_data:  # a count only: the flagged examples stay at the site

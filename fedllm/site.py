@@ -5,6 +5,7 @@ The ClientApp (`clients/app.py`) only translates Flower records to and from thes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -81,11 +82,22 @@ class SiteData:
     categories: list[str]
     virtual_records: int = 0  # an auditing site's inserted gradient canaries
     safety_dropped: int = 0  # training examples the safety filter flagged (safety.screen-site-data)
+    fingerprint: str = ""  # of the site's records (`records_fingerprint`): its lifetime ledger
 
     @property
     def num_records(self) -> int:
         """Records the accountant sees: real examples plus inserted gradient canaries."""
         return len(self.train) + self.virtual_records
+
+
+def records_fingerprint(examples: Any) -> str:
+    """SHA-256 of a site's records, independent of their order and of how they are split,
+    tokenized or templated: the same records always give the same lifetime ledger."""
+    lines = sorted(
+        json.dumps([p, r], ensure_ascii=False)
+        for p, r in zip(examples["prompt"], examples["response"], strict=True)
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _site_examples(cfg: FedllmConfig, *, site: int, num_sites: int, local: LocalData | None) -> Any:
@@ -156,6 +168,7 @@ def load_site_data(
         categories=sorted(set(examples["category"])),
         virtual_records=virtual,
         safety_dropped=dropped,
+        fingerprint=records_fingerprint(examples),
     )
 
 
@@ -275,13 +288,16 @@ def run_train(
     proximal_mu: float = 0.0,
     budget: float | None = None,
     policy: SitePolicy | None = None,
+    lifetime: History | None = None,
+    lifetime_budget: float | None = None,
 ) -> SiteRound:
     """Train one round from the global `arrays`; `state` gains this round's DP steps.
 
     Raises
     ------
     BudgetExceededError
-        Before any training, if the round would take the site past `budget`.
+        Before any training, if the round would take the site past `budget` in this run,
+        or past `lifetime_budget` composed with its `lifetime` history on these records.
     PolicyRefusedError
         Before any training, if its σ or δ falls short of the site's `policy`.
     """
@@ -296,12 +312,17 @@ def run_train(
             state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
         if policy is not None:
             policy.check_dp(state.noise_multiplier, state.delta, site=data.site)
+        step = (state.noise_multiplier, sample_rate, cfg.train.local_steps)
+        if lifetime is not None and lifetime_budget is not None:
+            check_budget(
+                lifetime,
+                step,
+                delta=state.delta,
+                budget=lifetime_budget,
+                who=f"site {data.site}, over every run on its records (lifetime)",
+            )
         report = check_budget(
-            state.history,
-            (state.noise_multiplier, sample_rate, cfg.train.local_steps),
-            delta=state.delta,
-            budget=budget,
-            who=f"site {data.site}",
+            state.history, step, delta=state.delta, budget=budget, who=f"site {data.site}"
         )
         dp = DPSettings(
             noise_multiplier=state.noise_multiplier,

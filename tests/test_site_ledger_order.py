@@ -24,13 +24,18 @@ from fedllm.rundir import RunDir
 ROUND = 4
 
 
-def _train_instruction(overrides: dict[str, object]) -> Message:
+def train_instruction(
+    overrides: dict[str, object], *, run_name: str | None = None, server_round: int = ROUND
+) -> Message:
+    """A train instruction as the coordinator sends it: the initial adapter, the round and
+    (if given) the run name."""
     cfg = parse_config(overrides)
     spec = adapter_spec(cfg.model, cfg.lora)
     arrays = {n: a for n, a in init_adapter(spec, seed=0).items() if n in spec.sent}
+    config = {wire.SERVER_ROUND: server_round, **({wire.RUN_NAME: run_name} if run_name else {})}
     content = RecordDict(
         {
-            wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: ROUND}),
+            wire.CONFIG: ConfigRecord(config),
             wire.ARRAYS: wire.arrays_to_record(arrays),
         }
     )
@@ -40,7 +45,7 @@ def _train_instruction(overrides: dict[str, object]) -> Message:
         src_node_id=0,
         dst_node_id=7,
         reply_to_message_id="",
-        group_id=str(ROUND),
+        group_id=str(server_round),
         created_at=0.0,
         ttl=3600.0,
         message_type=MessageType.TRAIN,
@@ -80,7 +85,7 @@ def test_the_site_ledger_is_synced_with_the_rounds_spend_before_the_reply_is_ret
         run_config={},
     )
     # Execute
-    reply = create_app(overrides)(_train_instruction(overrides), context)
+    reply = create_app(overrides)(train_instruction(overrides), context)
     # Assert
     assert not reply.has_error(), reply.error
     on_disk = ledger.read_bytes()

@@ -84,3 +84,19 @@ def test_a_local_file_without_the_mapped_fields_is_refused_naming_them(
         load_site_data(
             cfg, site=0, num_sites=3, tokenizer=tokenizer_for(cfg), local=LocalData(str(path))
         )
+
+
+def test_the_records_fingerprint_ignores_order_and_split_but_not_content() -> None:
+    from fedllm.site import records_fingerprint
+
+    rows = _rows(6, "x")
+    a = datasets.Dataset.from_dict(
+        {"prompt": [r["q"] for r in rows], "response": [r["a"] for r in rows]}
+    )
+    shuffled = a.shuffle(seed=3)
+    edited = a.map(
+        lambda r, i: {"response": r["response"] + ("!" if i == 2 else "")}, with_indices=True
+    )
+    assert records_fingerprint(a) == records_fingerprint(shuffled)
+    assert records_fingerprint(a) != records_fingerprint(edited)
+    assert records_fingerprint(a) != records_fingerprint(a.select(range(5)))
