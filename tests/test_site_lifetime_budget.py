@@ -85,3 +85,35 @@ def test_the_lifetime_ledger_holds_every_run_and_the_run_ledger_only_its_own(
     # the lifetime ledger is keyed by the records, not by anything the coordinator named
     (path,) = (tmp_path / "state" / LIFETIME_DIR).glob("*.jsonl")
     assert len(path.stem) == 64 and "first" not in json.dumps(str(path))
+
+
+def test_site_budget_shows_each_runs_spend_and_the_lifetime_against_the_cap(
+    overrides: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    from fedllm.cli import main as cli
+
+    app = create_app(overrides)
+    eps = [
+        float(_round(app, overrides, n, _site(tmp_path, 1e6)).content[wire.METRICS][wire.EPSILON])
+        for n in ("first", "second")
+    ]
+    state = str(tmp_path / "state")
+    # Execute
+    code = cli(["site", "budget", "--state-dir", state, "--epsilon-max", str(eps[0] * 1.01)])
+    out = capsys.readouterr().out
+    # Assert
+    assert code == 0
+    assert f"run first: 1 rounds, epsilon within the run {eps[0]:.4f}" in out
+    assert f"run second: 1 rounds, epsilon within the run {eps[1]:.4f}" in out
+    lifetime = float(out.split("lifetime epsilon ")[1].split()[0])
+    assert lifetime > max(eps) and "PAST" in out
+
+
+def test_site_budget_names_a_directory_without_lifetime_ledgers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedllm.cli import main as cli
+
+    assert cli(["site", "budget", "--state-dir", str(tmp_path)]) == 2
+    assert "no lifetime ledger under" in capsys.readouterr().err

@@ -3,10 +3,10 @@
 Every `FedllmError` becomes one line on stderr and exit code 2, never a traceback.
 
 One module per verb group, each adding its parsers with `add_parsers(sub)`, in the order
-`fedllm --help` lists them: `runs`, `generate`, `keys`, `he`, `model`, `data`, `audit`, `config`,
-`federation` (the one CLI module that imports Flower), `deploy` (`pki`, `superlink`,
-`supernode`) and `safety`. A handler imports what is heavy (numpy, torch, Flower) itself, so
-building the parser, and `fedllm --help`, stays fast.
+`fedllm --help` lists them: `runs`, `generate`, `keys`, `he`, `model`, `data`, `site`,
+`audit`, `config`, `federation` (the one CLI module that imports Flower), `deploy` (`pki`,
+`superlink`, `supernode`) and `safety`. A handler imports what is heavy (numpy, torch,
+Flower) itself, so building the parser, and `fedllm --help`, stays fast.
 """
 
 from __future__ import annotations
@@ -28,12 +28,26 @@ from fedllm.cli import (
     model,
     runs,
     safety,
+    site,
 )
 from fedllm.errors import FedllmError
 
 __all__ = ["build_parser", "main"]
 
-_VERB_GROUPS = (runs, generate, keys, he, model, data, audit, config, federation, deploy, safety)
+_VERB_GROUPS = (
+    runs,
+    generate,
+    keys,
+    he,
+    model,
+    data,
+    site,
+    audit,
+    config,
+    federation,
+    deploy,
+    safety,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,71 @@
+"""`fedllm site budget`: a site's lifetime privacy spend on each of its datasets."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fedllm.cli.common import verb_group
+from fedllm.errors import ConfigError
+
+__all__ = ["add_parsers"]
+
+
+def budget_lines(state_dir: Path, *, cap: float | None, key: Any = None) -> list[str]:
+    """One block per lifetime ledger under `state_dir`: its runs (rounds, and ε within each
+    run) and the ε of every spend composed, against the site's cap."""
+    # heavy: the accountants load only here
+    from fedllm.privacy.accounting import epsilon_report
+    from fedllm.privacy.ledger import DP_SGD, Ledger
+    from fedllm.site_ledgers import LIFETIME_DIR
+
+    ledgers = sorted((state_dir / LIFETIME_DIR).glob("*.jsonl"))
+    if not ledgers:
+        raise ConfigError(
+            f"no lifetime ledger under {state_dir / LIFETIME_DIR}; is it the state-dir?"
+        )
+    out = []
+    for path in ledgers:
+        spends = [r for r in Ledger(path, key=key).records() if r.get("mechanism") == DP_SGD]
+        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in spends]
+        lifetime = (
+            float(epsilon_report(history, delta=spends[-1]["delta"])["epsilon"]) if spends else 0.0
+        )
+        limit = f"cap {cap:g}: {'within' if lifetime <= cap else 'PAST'}" if cap else "no cap"
+        out.append(f"records {path.stem[:16]}…: lifetime epsilon {lifetime:.4f} ({limit})")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in spends:
+            runs.setdefault(str(r["run_id"]), []).append(r)
+        for run, records in runs.items():
+            out.append(
+                f"  run {run}: {len(records)} rounds, epsilon within the run "
+                f"{float(records[-1]['guarantee']):.4f}"
+            )
+    return out
+
+
+def cmd_site_budget(args: argparse.Namespace) -> int:
+    # heavy: cryptography (at-rest keys) and the config machinery load only for this verb
+    from fedllm.secure.at_rest import configured_key
+    from fedllm.site_policy import load_policy  # heavy: as above
+
+    caps = [c for c in (args.epsilon_max,) if c]
+    if args.policy:
+        policy_cap = load_policy(args.policy).cap(None)
+        caps += [policy_cap] if policy_cap else []
+    key = configured_key(args.at_rest_key or "")
+    lines = budget_lines(Path(args.state_dir), cap=min(caps) if caps else None, key=key)
+    print("\n".join(lines))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """`site budget`."""
+    site = verb_group(sub, "site", "a site's own state")
+    budget = site.add_parser("budget", help="lifetime privacy spend per dataset, per run")
+    budget.add_argument("--state-dir", required=True, help="the site's node config state-dir")
+    budget.add_argument("--policy", help="the site's policy file (its epsilon-max is the cap)")
+    budget.add_argument("--epsilon-max", type=float, default=0.0, help="the node's own cap")
+    budget.add_argument("--at-rest-key", help="the key the site seals its ledgers with")
+    budget.set_defaults(func=cmd_site_budget)
