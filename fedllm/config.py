@@ -148,7 +148,10 @@ class DataConfig:
 
     source: str = field(
         default=EMBEDDED_DATA,
-        metadata=field_help("chatterbot, a local .jsonl/.csv file or dir, or a hub dataset id"),
+        metadata=field_help(
+            "chatterbot, a local .jsonl/.csv file or saved dir, a folder of one file per site, "
+            "or a hub dataset id"
+        ),
     )
     partitioner: str = field(
         default="by-category",

@@ -15,7 +15,13 @@ import datasets
 import numpy as np
 
 from fedllm.config import FedllmConfig
-from fedllm.data import load_examples, partition_examples, split_train_eval, tokenize_examples
+from fedllm.data import (
+    load_examples,
+    partition_examples,
+    site_files,
+    split_train_eval,
+    tokenize_examples,
+)
 from fedllm.errors import DataError
 from fedllm.model import (  # load_site_model, tokenizer_for: re-exported, they lived here
     get_adapter_arrays,
@@ -115,6 +121,19 @@ def _site_examples(cfg: FedllmConfig, *, site: int, num_sites: int, local: Local
             raise DataError(f"site {site}: node config 'data' = {local.path!r}: {e}") from e
     if not 0 <= site < num_sites:
         raise DataError(f"site index {site} is outside 0..{num_sites - 1}; fix 'partition-id'.")
+    files = site_files(cfg.data.source)
+    if files is not None:  # natural sites: one file each, nothing partitioned
+        if len(files) != num_sites:
+            raise DataError(
+                f"data.source {cfg.data.source} holds {len(files)} site files but the "
+                f"federation has {num_sites} sites; give each site one file."
+            )
+        return load_examples(
+            str(files[site]),
+            prompt_field=cfg.data.prompt_field,
+            response_field=cfg.data.response_field,
+            category_field=cfg.data.category_field or None,
+        )
     examples = load_examples(
         cfg.data.source,
         prompt_field=cfg.data.prompt_field,

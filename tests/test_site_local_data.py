@@ -100,3 +100,30 @@ def test_the_records_fingerprint_ignores_order_and_split_but_not_content() -> No
     assert records_fingerprint(a) == records_fingerprint(shuffled)
     assert records_fingerprint(a) != records_fingerprint(edited)
     assert records_fingerprint(a) != records_fingerprint(a.select(range(5)))
+
+
+def test_a_folder_of_one_file_per_site_gives_natural_sites(cfg: object, tmp_path: Path) -> None:
+    """In simulation, `data.source` may be a folder with one file per site (sorted by name):
+    site k trains on the k-th file only, nothing is partitioned."""
+    from fedllm.config import parse_config
+
+    folder = tmp_path / "sites"
+    folder.mkdir()
+    sizes = {"a-clinic.jsonl": 12, "b-lab.jsonl": 20, "c-bank.jsonl": 30}
+    for name, n in sizes.items():
+        rows = [{"prompt": f"{name} question {i}?", "response": "yes."} for i in range(n)]
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    natural = parse_config({"model.name": cfg.model.name, "data.source": str(folder)})
+    tok = tokenizer_for(natural)
+    got = [load_site_data(natural, site=k, num_sites=3, tokenizer=tok) for k in range(3)]
+    assert [len(d.train) + len(d.eval) for d in got] == list(sizes.values())
+    with pytest.raises(DataError, match=r"holds 3 site files but the federation has 4 sites"):
+        load_site_data(natural, site=0, num_sites=4, tokenizer=tok)
+
+
+def test_a_saved_dataset_folder_is_one_source_not_natural_sites(tmp_path: Path) -> None:
+    from fedllm.data import site_files
+
+    _write(tmp_path, "saved", _rows(4, "x"))
+    assert site_files(str(tmp_path / "saved")) is None
+    assert site_files(str(tmp_path / "missing")) is None

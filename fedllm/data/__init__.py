@@ -2,7 +2,8 @@
 
 - `sources`: every source (the embedded chatterbot corpus, a local JSONL/JSON/CSV file, a
   directory written by ``Dataset.save_to_disk``, or a Hugging Face hub id) normalised to one
-  shape, a ``datasets.Dataset`` with the string columns ``prompt``, ``response`` and ``category``.
+  shape, a ``datasets.Dataset`` with the string columns ``prompt``, ``response`` and ``category``;
+  a folder of one data file per site (``site_files``) gives natural sites in simulation.
 - `partition`: sites carved out of it with flwr-datasets partitioners (what simulations and
   test deployments stand in for real sites with), so the non-IID splits are the ones the Flower
   community uses.
@@ -14,7 +15,13 @@ or :class:`~fedllm.errors.ConfigError` with a one-sentence message.
 """
 
 from fedllm.data.partition import PARTITION_SCHEMES, partition_examples
-from fedllm.data.sources import COLUMNS, DEFAULT_CATEGORY, EMBEDDED_SOURCE, load_examples
+from fedllm.data.sources import (
+    COLUMNS,
+    DEFAULT_CATEGORY,
+    EMBEDDED_SOURCE,
+    load_examples,
+    site_files,
+)
 from fedllm.data.tokenize import IGNORE_INDEX, collate_batch, split_train_eval, tokenize_examples
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "collate_batch",
     "load_examples",
     "partition_examples",
+    "site_files",
     "split_train_eval",
     "tokenize_examples",
 ]

@@ -112,6 +112,17 @@ def load_examples(
     )
 
 
+def site_files(source: str) -> list[pathlib.Path] | None:
+    """The files of a folder holding one data file per site (natural sites, in simulation),
+    sorted by name: site k reads the k-th. None when `source` is not such a folder (a file,
+    a hub id, or a `save_to_disk` folder, which holds `.arrow` files)."""
+    path = pathlib.Path(source.strip()).expanduser()
+    if not path.is_dir() or any(path.glob("*.arrow")) or (path / "dataset_dict.json").exists():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _FILE_LOADERS)
+    return files or None
+
+
 def _chatterbot_dir() -> pathlib.Path:
     """Locate the English YAML files of the installed ``chatterbot-corpus`` without importing it.
 
