@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,18 @@ __all__ = ["add_parsers"]
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 only if every ledger of the run has an intact chain and every ε recomputes."""
     # heavy: the accountants' module (numpy) takes ~0.3 s to import; keeps `fedllm --help` fast
-    from fedllm.privacy.verify import verify_records
+    from fedllm.privacy.verify import cross_check, verify_records
 
     path = Path(args.run)
-    ledgers = [p for p in RunDir.at(path).ledger_paths() if p.is_file()]
+    run = RunDir.at(path)
+    ledgers = [p for p in run.ledger_paths() if p.is_file()]
     if not ledgers:
         raise RunDirError(f"{path} holds no privacy ledger (ledger.jsonl).")
     failed = False
     key = at_rest_key(args, path)
+    read = {}
     for ledger_path in ledgers:
-        records = Ledger(ledger_path, key=key).records()
+        records = read[ledger_path] = Ledger(ledger_path, key=key).records()
         problems = verify_records(records)
         for problem in problems:
             print(f"FAIL {ledger_path}: {problem}")
@@ -38,7 +41,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 f"OK   {ledger_path}: {len(records)} records, hash chain intact, "
                 "every epsilon recomputed (RDP, PRV, PLD)"
             )
-    return 1 if failed else 0
+    sites = {int(p.parent.name.split("-")[-1]): read[p] for p in ledgers if p != run.ledger_path}
+    summary = json.loads(run.summary_path.read_text()) if run.summary_path.is_file() else None
+    mismatches = cross_check(read.get(run.ledger_path, []), sites, summary)
+    for problem in mismatches:
+        print(f"FAIL cross-check: {problem}")
+    if not mismatches:
+        print(
+            f"OK   cross-check: the run's ledger, {len(sites)} site ledgers in the run and "
+            f"{'summary.json' if summary else 'no summary.json'} agree"
+        )
+    return 1 if failed or mismatches else 0
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:

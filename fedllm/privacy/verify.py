@@ -3,7 +3,8 @@
 Each spend record's cumulative ε is recomputed from the raw parameters (σ, q, steps, δ) of
 the records before it in the same history, by every accountant, and compared with what was
 claimed. A history is one (run, mechanism, site): a site's record-level DP-SGD, or the run's
-user-level DP-FedAvg; the two are never composed together.
+user-level DP-FedAvg; the two are never composed together. `cross_check` then compares the
+run's ledger, the sites' own ledgers and `summary.json` with each other.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import math
 from typing import Any
 
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
-from fedllm.privacy.ledger import MECHANISM_NAMES, verify_chain
+from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, verify_chain
 
-__all__ = ["plausible", "verify_records"]
+__all__ = ["cross_check", "plausible", "verify_records"]
 
 _REL_TOL = 1e-6
 
@@ -91,4 +92,63 @@ def verify_records(records: list[dict[str, Any]]) -> list[str]:
                 f"{label}: claimed guarantee {record.get('guarantee')} but "
                 f"min(PRV, PLD) is {float(report['epsilon']):.6f}."
             )
+    return problems
+
+
+def _spends(records: list[dict[str, Any]], site: int) -> dict[int, dict[str, Any]]:
+    """A site's record-level DP-SGD spends in `records`, by round."""
+    return {
+        int(r["round"]): r
+        for r in records
+        if r.get("mechanism") == DP_SGD and str(r.get("site")) == str(site)
+    }
+
+
+_SAME = ("noise_multiplier", "sample_rate", "steps", "delta")
+
+
+def cross_check(
+    run_records: list[dict[str, Any]],
+    site_records: dict[int, list[dict[str, Any]]],
+    summary: dict[str, Any] | None,
+) -> list[str]:
+    """Where the run's ledger, the sites' own ledgers and `summary.json` disagree.
+
+    Each ledger can be internally consistent and still be the wrong one: a ledger rewritten
+    with its chain re-hashed, or cut short. So every spend a site recorded must be in the
+    run's ledger with the same parameters (and the reverse), every site the summary names as
+    aggregated in a round must have that round's spend, and the ε the summary reports for a
+    site must be its last spend's guarantee. What this cannot catch: every file rewritten
+    consistently by whoever holds them all (only signatures of the sites would).
+    """
+    problems = []
+    for site, records in sorted(site_records.items()):
+        own, run = _spends(records, site), _spends(run_records, site)
+        name = f"site {site}"
+        for r in sorted(set(own) | set(run)):
+            if r not in run:
+                problems.append(f"{name}'s ledger has its round-{r} spend; the run's lacks it")
+            elif r not in own:
+                problems.append(f"the run's ledger has {name}'s round-{r} spend; its own lacks it")
+            elif any(not _close(own[r][k], float(run[r][k])) for k in _SAME):
+                problems.append(f"{name}'s round-{r} spend differs from the run's record of it")
+    if summary:
+        mode = (summary.get("privacy") or {}).get("mode")
+        record_level = mode in ("record", "record+user")
+        for p in summary.get("participation") or []:
+            for site in p.get("aggregated", []) if record_level else []:
+                if int(p["round"]) not in _spends(run_records, site):
+                    problems.append(
+                        f"summary.json aggregates site {site} in round {p['round']}, but the "
+                        "run's ledger has no spend of it there (a record dropped?)"
+                    )
+        for site, claimed in (summary.get("epsilon") or {}).items():
+            spends = _spends(run_records, int(site))
+            if claimed is not None and spends:
+                last = spends[max(spends)]
+                if not _close(claimed, float(last["guarantee"])):
+                    problems.append(
+                        f"summary.json reports epsilon {claimed} for site {site}; its last spend "
+                        f"in the run's ledger (round {max(spends)}) states {last['guarantee']}"
+                    )
     return problems

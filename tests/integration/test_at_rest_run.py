@@ -66,7 +66,8 @@ def test_sealed_run_audits_resumes_and_refuses_another_key(
     for ledger in ledgers:
         raw = ledger.read_bytes()
         assert raw and b"noise_multiplier" not in raw and b"aes-256-gcm" in raw
-    assert verify_code == 0 and verified.count("OK ") == 1 + SITES
+    assert verify_code == 0 and verified.count("OK   /") == 1 + SITES
+    assert "OK   cross-check" in verified
     assert gen_code == 0
     assert stranger_code == 2
     assert f"encrypted under at-rest key {key.id}, not {stranger.id}" in refused

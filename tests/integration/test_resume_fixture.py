@@ -126,7 +126,8 @@ def test_every_ledger_holds_each_round_once_and_the_run_ledger_verifies(
     run_records = Ledger(run_dir / "ledger.jsonl").records()
     # Assert
     assert code == 0, shown
-    assert shown.count("OK ") == 1 + SITES
+    assert shown.count("OK   /") == 1 + SITES  # every ledger...
+    assert "OK   cross-check" in shown  # ...and they agree with each other and the summary
     for site in range(SITES):
         records = Ledger(RunDir.site_ledger_path(run_dir, site)).records()
         assert [r["round"] for r in records] == rounds, site

@@ -132,7 +132,8 @@ def test_ledgers_verify_and_a_flipped_byte_is_caught(
     bad_code = cli_main(["audit", "verify", str(copy)])
     bad_out = capsys.readouterr().out
     # Assert
-    assert ok_code == 0 and ok_out.count("OK ") == 1 + len(dp_run["summary"]["sites"])
+    assert ok_code == 0 and ok_out.count("OK   /") == 1 + len(dp_run["summary"]["sites"])
+    assert "OK   cross-check" in ok_out
     assert len(Ledger(dp_run["dir"] / "ledger.jsonl").records()) == 2 * SITES
     assert bad_code == 1
     assert "FAIL" in bad_out and "record 2 (seq 2" in bad_out
