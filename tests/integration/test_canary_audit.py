@@ -114,8 +114,9 @@ def test_non_dp_run_leaks_measurably_more_than_the_dp_run(runs: dict[str, Path])
 def test_a_ledger_claiming_dp_that_was_not_applied_is_caught_by_the_canaries(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An operator writes a flawless ledger claiming σ = 50 for the non-DP run. The ledger
-    verifies (it is self-consistent), but the canaries prove ε above the claim: `fedllm
+    """An operator writes a flawless ledger claiming σ = 50 for the non-DP run, and a summary
+    that agrees with it. Both verify (they are consistent), but the canaries prove ε above
+    the claim: `fedllm
     audit canaries` exits 1 naming the bug, and the report marks the audit FAILED."""
     # Prepare
     from fedllm.cli import main as cli
@@ -126,7 +127,7 @@ def test_a_ledger_claiming_dp_that_was_not_applied_is_caught_by_the_canaries(
     n = summary["sites"]["0"]["num_examples"]
     q, steps, delta = 128 / n, AUDIT["train.local-steps"], 1e-5
     report = epsilon_report([(50.0, q, steps)], delta=delta)
-    Ledger(forged / "ledger.jsonl").append(
+    forged_record = Ledger(forged / "ledger.jsonl").append(
         dp_sgd_entry(
             run_id="audit-none",
             server_round=1,
@@ -139,6 +140,9 @@ def test_a_ledger_claiming_dp_that_was_not_applied_is_caught_by_the_canaries(
             epsilons={m: float(report[m]) for m in ("rdp", "prv", "pld")},
         )
     )
+    # ...and a summary.json to match it, so the files also agree with each other
+    summary["epsilon"]["0"] = forged_record["guarantee"]
+    (forged / "summary.json").write_text(json.dumps(summary))
     # Execute
     verify_code = cli(["audit", "verify", str(forged)])
     audit_code = cli(["audit", "canaries", str(forged)])
