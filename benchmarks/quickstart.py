@@ -101,7 +101,9 @@ def main() -> None:
         "delta": summary["delta"],
         "epsilon_by_accountant": summary["epsilon_by_accountant"],
         "audit_verify": {"exit_code": verify.returncode, "output": verify.stdout.strip()},
-        "audit_report": str(report_dir.relative_to(ROOT)),
+        "audit_report": str(
+            report_dir.relative_to(ROOT) if report_dir.is_relative_to(ROOT) else report_dir
+        ),
         "versions_in_summary": summary["versions"],
     }
     run.write(args.out, result)
