@@ -18,6 +18,7 @@ def budget_lines(state_dir: Path, *, cap: float | None, key: Any = None) -> list
     # heavy: the accountants load only here
     from fedllm.privacy.accounting import epsilon_report
     from fedllm.privacy.ledger import DP_SGD, Ledger
+    from fedllm.site import PrivacyState  # heavy: as above (and torch)
     from fedllm.site_ledgers import LIFETIME_DIR
 
     ledgers = sorted((state_dir / LIFETIME_DIR).glob("*.jsonl"))
@@ -27,10 +28,11 @@ def budget_lines(state_dir: Path, *, cap: float | None, key: Any = None) -> list
         )
     out = []
     for path in ledgers:
-        spends = [r for r in Ledger(path, key=key).records() if r.get("mechanism") == DP_SGD]
-        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in spends]
+        records = Ledger(path, key=key).records()
+        state = PrivacyState.from_ledger(records)  # the composed history and its last delta
+        spends = [r for r in records if r.get("mechanism") == DP_SGD]
         lifetime = (
-            float(epsilon_report(history, delta=spends[-1]["delta"])["epsilon"]) if spends else 0.0
+            float(epsilon_report(state.history, delta=state.delta)["epsilon"]) if spends else 0.0
         )
         limit = f"cap {cap:g}: {'within' if lifetime <= cap else 'PAST'}" if cap else "no cap"
         out.append(f"records {path.stem[:16]}…: lifetime epsilon {lifetime:.4f} ({limit})")

@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.data.sources import load_examples
+from fedllm.data.sources import is_text, load_examples
 from fedllm.data.tokenize import split_train_eval, tokenize_examples
 from fedllm.errors import DataError
 
 __all__ = ["DataReport", "bad_lines", "check_data"]
-
-
-def _blank(value: Any) -> bool:
-    return not isinstance(value, str) or not value.strip()
 
 
 def _jsonl_problems(path: Path, prompt: str, response: str) -> list[str]:
@@ -48,7 +44,7 @@ def _jsonl_problems(path: Path, prompt: str, response: str) -> list[str]:
                 ):
                     out.append(f"{path}:{n}: 'messages' has no user turn and assistant turn")
             else:
-                missing = [k for k in (prompt, response) if _blank(row.get(k))]
+                missing = [k for k in (prompt, response) if not is_text(row.get(k))]
                 if missing:
                     out.append(f"{path}:{n}: no text in {', '.join(repr(k) for k in missing)}")
     return out
@@ -63,7 +59,7 @@ def _csv_problems(path: Path, prompt: str, response: str) -> list[str]:
             return [f"{path}:1: the header has no column {', '.join(repr(k) for k in absent)}"]
         out = []
         for row in reader:
-            missing = [k for k in (prompt, response) if _blank(row.get(k))]
+            missing = [k for k in (prompt, response) if not is_text(row.get(k))]
             if missing:
                 where = f"{path}:{reader.line_num}"
                 out.append(f"{where}: no text in {', '.join(repr(k) for k in missing)}")

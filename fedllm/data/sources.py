@@ -158,7 +158,7 @@ def _load_chatterbot() -> datasets.Dataset:
         for conversation in doc.get("conversations") or []:
             for first, second in itertools.pairwise(conversation):
                 # YAML turns bare answers like "yes" into booleans: such turns are not text.
-                if not (_is_text(first) and _is_text(second)):
+                if not (is_text(first) and is_text(second)):
                     skipped += 1
                     continue
                 rows["prompt"].append(first.strip())
@@ -177,7 +177,8 @@ def _load_chatterbot() -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows)
 
 
-def _is_text(value: object) -> bool:
+def is_text(value: object) -> bool:
+    """A string with something other than whitespace in it: what a prompt or answer must be."""
     return isinstance(value, str) and bool(value.strip())
 
 

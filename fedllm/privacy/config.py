@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from fedllm.config_fields import field_help, require
 
-__all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "PRIVACY_MODES", "USER_CLIPPING", "PrivacyConfig"]
+__all__ = [
+    "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES",
+    "PRIVACY_MODES",
+    "RECORD_LEVEL_MODES",
+    "USER_CLIPPING",
+    "PrivacyConfig",
+]
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 # Opacus' per-sample gradient modes that run with its hooks attached in place (fedllm calls
@@ -15,6 +22,7 @@ ACCOUNTANTS = ("rdp", "prv", "pld")
 # class for it), so it is not offered. tests/test_dpsgd.py runs every mode listed here.
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 PRIVACY_MODES = ("record", "user", "record+user", "none")
+RECORD_LEVEL_MODES = ("record", "record+user")  # the modes with DP-SGD at every site
 USER_CLIPPING = ("fixed", "adaptive")
 
 
@@ -136,7 +144,7 @@ class PrivacyConfig:
     @property
     def record_level(self) -> bool:
         """DP-SGD at every site (example-level guarantee)."""
-        return self.mode in ("record", "record+user")
+        return self.mode in RECORD_LEVEL_MODES
 
     @property
     def user_level(self) -> bool:

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
+from fedllm.privacy.config import RECORD_LEVEL_MODES
 from fedllm.privacy.ledger import DP_SGD, MECHANISM_NAMES, verify_chain
 
 __all__ = ["cross_check", "plausible", "verify_records"]
@@ -122,8 +123,15 @@ def cross_check(
     consistently by whoever holds them all (only signatures of the sites would).
     """
     problems = []
+    spends_of: dict[int, dict[int, dict[str, Any]]] = {}  # the run ledger's, by site
+
+    def run_spends(site: int) -> dict[int, dict[str, Any]]:
+        if site not in spends_of:
+            spends_of[site] = _spends(run_records, site)
+        return spends_of[site]
+
     for site, records in sorted(site_records.items()):
-        own, run = _spends(records, site), _spends(run_records, site)
+        own, run = _spends(records, site), run_spends(site)
         name = f"site {site}"
         for r in sorted(set(own) | set(run)):
             if r not in run:
@@ -133,17 +141,16 @@ def cross_check(
             elif any(not _close(own[r][k], float(run[r][k])) for k in _SAME):
                 problems.append(f"{name}'s round-{r} spend differs from the run's record of it")
     if summary:
-        mode = (summary.get("privacy") or {}).get("mode")
-        record_level = mode in ("record", "record+user")
+        record_level = (summary.get("privacy") or {}).get("mode") in RECORD_LEVEL_MODES
         for p in summary.get("participation") or []:
             for site in p.get("aggregated", []) if record_level else []:
-                if int(p["round"]) not in _spends(run_records, site):
+                if int(p["round"]) not in run_spends(int(site)):
                     problems.append(
                         f"summary.json aggregates site {site} in round {p['round']}, but the "
                         "run's ledger has no spend of it there (a record dropped?)"
                     )
         for site, claimed in (summary.get("epsilon") or {}).items():
-            spends = _spends(run_records, int(site))
+            spends = run_spends(int(site))
             if claimed is not None and spends:
                 last = spends[max(spends)]
                 if not _close(claimed, float(last["guarantee"])):
