@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedllm.rundir import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE_FILE = "benchmark-provenance.json"  # beside an artefact a benchmark made
 
@@ -170,7 +172,7 @@ class BenchmarkRun:
     def mark_made(self, artefact: Path) -> None:
         """Record that this run made `artefact` (a directory), once it is complete, so a later
         `--reuse` can name where it came from."""
-        (artefact / PROVENANCE_FILE).write_text(json.dumps(self._record(), indent=2) + "\n")
+        write_json_atomic(artefact / PROVENANCE_FILE, self._record())
         self.made.append(str(artefact))
 
     def reuse(self, artefact: Path) -> bool:
@@ -213,8 +215,6 @@ class BenchmarkRun:
         }
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(whole, indent=2) + "\n")
-        tmp.replace(out)
+        write_json_atomic(out, whole)  # the run directory's own atomic write (fsync, rename)
         print(f"wrote {out}", flush=True)
         return whole
