@@ -38,7 +38,7 @@ def _signatures(params: int, repeats: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.app import MetricRecord, RecordDict
 
-    from fedllm.secure.pki import RegisteredSite
+    from fedllm.secure.registry import RegisteredSite
     from fedllm.secure.sign import Claim
     from fedllm.wire import arrays_to_record, sign_reply, verify_reply
 

@@ -17,8 +17,9 @@ from flwr.clientapp import ClientApp
 from fedllm import wire as w
 from fedllm.errors import BudgetExceededError, PolicyRefusedError
 from fedllm.mods import reply_mods, train_mods
-from fedllm.mods.context import local_data, partition, site_config
+from fedllm.mods.context import local_data, local_model, partition, site_config
 from fedllm.mods.policy import node_epsilon_max, site_budget, site_policy
+from fedllm.mods.sign import signing_key
 from fedllm.privacy.backfill import history_metrics
 from fedllm.site import run_evaluate, run_train, site_data_for, spend_record
 from fedllm.site_ledgers import SiteLedgers
@@ -50,10 +51,14 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
     """Train one round; reply with the trainable adapter tensors and the privacy spend."""
     cfg, config = site_config(msg, context, overrides), msg.content[w.CONFIG]
     site, num_sites = partition(context)
-    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites, local=local_data(context))
-    ledgers = SiteLedgers.open(
-        cfg, context.node_config, site=data.site, fingerprint=data.fingerprint
+    own = local_model(context)  # the site's own base model, if any: PolicyMod checked it
+    data, tokenizer = site_data_for(
+        cfg, site=site, num_sites=num_sites, local=local_data(context), base_model=own
     )
+    ledgers = SiteLedgers.open(  # every record it writes is signed with the site's key
+        cfg, context.node_config, site=data.site, fingerprint=data.fingerprint,
+        signing_key=signing_key(cfg, context, data.site),
+    )  # fmt: skip
     policy = site_policy(context)  # PolicyMod has checked what the request states
     try:
         out = run_train(
@@ -67,15 +72,17 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
             policy=policy,
             lifetime=ledgers.lifetime_history(),
             lifetime_budget=policy.cap(node_epsilon_max(context)),
+            base_model=own,
         )
     except (BudgetExceededError, PolicyRefusedError) as e:
         # A refusal is an answer, not a failure: the server leaves this site out and says why.
         log.warning("%s", e)
         return Message(content=w.refusal_content(data.site, str(e)), reply_to=msg)
     record_level = cfg.privacy.record_level
+    stored = None  # the site's signed record of its spend, which the reply carries
     if record_level:  # the spend is durable at the site before the update leaves it
         server_round = int(config.get(w.SERVER_ROUND, 0))
-        ledgers.append(spend_record(cfg, out, site=data.site, server_round=server_round))
+        stored = ledgers.append(spend_record(cfg, out, site=data.site, server_round=server_round))
     metrics = MetricRecord(
         w.train_metrics(
             out,
@@ -89,16 +96,22 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
     loss = out.result.mean_loss
     log.info("site %d: round trained, loss %.4f, epsilon %.4f", data.site, loss, out.epsilon)
     content = RecordDict({w.ARRAYS: w.arrays_to_record(out.arrays), w.METRICS: metrics})
-    return Message(content=content, reply_to=msg)
+    return Message(
+        content=w.with_spend_record(content, stored) if stored else content, reply_to=msg
+    )
 
 
 def _evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Evaluate the global adapter on this site's held-out split."""
     cfg = site_config(msg, context, overrides)
     site, num_sites = partition(context)
-    data, tokenizer = site_data_for(cfg, site=site, num_sites=num_sites, local=local_data(context))
+    own = local_model(context)  # the site's own base model, if any: PolicyMod checked it
+    data, tokenizer = site_data_for(
+        cfg, site=site, num_sites=num_sites, local=local_data(context), base_model=own
+    )
     arrays = w.record_to_arrays(msg.content[w.ARRAYS])  # plaintext: HEMod opened it
-    res = run_evaluate(cfg, data, arrays, pad_token_id=int(tokenizer.pad_token_id))
+    pad = int(tokenizer.pad_token_id)
+    res = run_evaluate(cfg, data, arrays, pad_token_id=pad, base_model=own)
     metrics = w.evaluate_metrics(res, site=data.site, train_examples=data.num_records)
     return Message(content=RecordDict({w.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

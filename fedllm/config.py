@@ -114,6 +114,25 @@ class ModelConfig:
         metadata=field_help("4bit/8bit base weights (QLoRA, CUDA only)", QUANTIZATIONS),
     )
     trust_remote_code: bool = field(default=False, metadata=field_help("allow hub model code"))
+    fingerprint: str = field(
+        default="",
+        metadata=field_help(
+            "SHA-256 the base model must have (`fedllm model fingerprint`); sites refuse "
+            "another, and a site with its own copy (node config `model`) trains only when set"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            not self.fingerprint or _is_sha256(self.fingerprint),
+            "model.fingerprint",
+            self.fingerprint,
+            "must be empty or 64 lowercase hex digits, as `fedllm model fingerprint` prints",
+        )
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass
@@ -422,7 +441,7 @@ def _check_he(cfg: FedllmConfig) -> None:
 # Sections and keys added after runs were made, with the value older runs behaved as: left
 # out of the hash and the resume key while they hold it, so those runs keep both.
 LATE_SECTIONS = {"safety": SafetyConfig, "validate": ValidateConfig}
-LATE_KEYS = {("he", "noise_assumption"): "curious-site"}
+LATE_KEYS = {("he", "noise_assumption"): "curious-site", ("model", "fingerprint"): ""}
 
 
 def stable_dict(cfg: FedllmConfig, *, late_sections: tuple[str, ...] = ("validate",)) -> dict:

@@ -8,6 +8,7 @@ without loading any base weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -50,10 +51,12 @@ __all__ = [
     "load_peft_model",
     "load_site_model",
     "load_tokenizer",
+    "local_model_dir",
     "pick_device",
     "resolve_model_dir",
     "save_peft_adapter",
     "set_adapter_arrays",
+    "site_model_config",
     "tokenizer_for",
 ]
 
@@ -474,17 +477,67 @@ def load_peft_model(
     return model
 
 
+def local_model_dir(cfg: ModelConfig) -> Path | None:
+    """The local directory the model `cfg` names is loaded from: `resolve_model_dir`'s for
+    the embedded default, a GGUF or a local directory; for a hub id, its snapshot in the
+    Hugging Face cache, or None if it is not cached (nothing is downloaded)."""
+    resolved = resolve_model_dir(cfg)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    # heavy: only a hub id needs huggingface_hub (transformers' own dependency)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(resolved, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+
+
+def site_model_config(cfg: ModelConfig, base_model: str | None = None) -> ModelConfig:
+    """The model config a site loads with. Where the site has its own copy of the base model
+    (node config `model`, a directory saved with `save_pretrained`): the run's with `name`
+    replaced by that directory (and no GGUF file). Else, where the run sets
+    `model.fingerprint`: the run's with `name` replaced by `local_model_dir`, the directory
+    the fingerprint was checked on (so a hub id is not fetched anew after the check); else
+    the run's. The check itself comes first (`fedllm.site_model.model_refusal`).
+
+    Raises
+    ------
+    ModelError
+        If `base_model` is not a directory with a config.json.
+    """
+    if not base_model:
+        checked = local_model_dir(cfg) if cfg.fingerprint else None
+        if checked is None:
+            return cfg
+        return dataclasses.replace(cfg, name=str(checked), gguf_file="")
+    path = Path(base_model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"node config 'model' = {base_model!r} is no model directory (no config.json); "
+            "point it at a directory saved with save_pretrained."
+        )
+    return dataclasses.replace(cfg, name=str(path), gguf_file="")
+
+
 # A site's model and tokenizer, as a site trains with them and the coordinator screens with them.
-def load_site_model(cfg: FedllmConfig, device: str | None = None):  # noqa: ANN201 - peft model, device
+def load_site_model(  # noqa: ANN201 - peft model, device
+    cfg: FedllmConfig, device: str | None = None, *, base_model: str | None = None
+):
     """The base model with the run's LoRA attached (initial adapter), on `device` or the
-    configured `train.device`."""
+    configured `train.device`; from the site's own copy `base_model` if given
+    (`site_model_config`)."""
     device = pick_device(device or cfg.train.device)
-    model = attach_lora(load_base_model(cfg.model, device), cfg.lora, seed=cfg.run.seed)
+    model_cfg = site_model_config(cfg.model, base_model)
+    model = attach_lora(load_base_model(model_cfg, device), cfg.lora, seed=cfg.run.seed)
     return model, device
 
 
-def tokenizer_for(cfg: FedllmConfig) -> object:
-    return _cached_tokenizer(resolve_model_dir(cfg.model), cfg.model.trust_remote_code)
+def tokenizer_for(cfg: FedllmConfig, base_model: str | None = None) -> object:
+    """The run's tokenizer, or that of the site's own copy `base_model` if given."""
+    model_cfg = site_model_config(cfg.model, base_model)
+    return _cached_tokenizer(resolve_model_dir(model_cfg), model_cfg.trust_remote_code)
 
 
 # A simulated site's process serves train and evaluate calls every round; loading the

@@ -50,8 +50,23 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
             *zip(*glob, strict=True), color="black", linewidth=2.5, marker="o", label="all sites"
         )
     ax_loss.set(title="held-out loss of the global adapter", xlabel="round", ylabel="loss")
+    user = [
+        (int(r["round"]), float(r["epsilon"]))
+        for r in (summary.get("user_level") or {}).get("rounds", [])
+        if r.get("epsilon") is not None
+    ]
+    if user:  # a separate guarantee, drawn apart (no site's participation is needed for it)
+        ax_eps.plot(
+            *zip(*([(0, 0.0)] + user), strict=True),
+            color="black",
+            linestyle=":",
+            marker="o",
+            label="user-level (whole site)",
+        )
     ax_eps.set(
-        title="cumulative ε per site (min of PRV, PLD; record-level)",
+        title="cumulative ε (min of PRV, PLD): record-level per site, user-level apart"
+        if user
+        else "cumulative ε per site (min of PRV, PLD; record-level)",
         xlabel="round",
         ylabel="ε",
     )
@@ -59,7 +74,8 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
         _plot_safety(axes[2], screened, safety.get("rollbacks", []))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run with no ε at all draws no line
+            ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"fedllm run {summary['run_name']}")
     fig.tight_layout()

@@ -26,6 +26,7 @@ STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 LEDGER_FILE = "ledger.jsonl"
+MANIFEST_FILE = "manifest.json"
 SAFETY_DIR = "safety"
 AUDIT_DIR = "audit"
 SITES_DIR = "sites"
@@ -139,6 +140,10 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.path / SUMMARY_FILE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
 
     @property
     def config_path(self) -> Path:

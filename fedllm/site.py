@@ -309,8 +309,11 @@ def run_train(
     policy: SitePolicy | None = None,
     lifetime: History | None = None,
     lifetime_budget: float | None = None,
+    base_model: str | None = None,
 ) -> SiteRound:
-    """Train one round from the global `arrays`; `state` gains this round's DP steps.
+    """Train one round from the global `arrays`; `state` gains this round's DP steps. The
+    base model is the site's own copy `base_model` if given (node config `model`), else
+    the one `model.name` names.
 
     Raises
     ------
@@ -350,7 +353,7 @@ def run_train(
             expected_batch_size=max(1, round(sample_rate * n)),
             grad_sample_mode=cfg.privacy.grad_sample_mode,
         )
-    model, device = load_site_model(cfg)
+    model, device = load_site_model(cfg, base_model=base_model)
     set_adapter_arrays(model, arrays)
     canaries = None
     if data.virtual_records:
@@ -398,10 +401,16 @@ def run_train(
 
 
 def run_evaluate(
-    cfg: FedllmConfig, data: SiteData, arrays: dict[str, np.ndarray], *, pad_token_id: int
+    cfg: FedllmConfig,
+    data: SiteData,
+    arrays: dict[str, np.ndarray],
+    *,
+    pad_token_id: int,
+    base_model: str | None = None,
 ) -> EvalResult:
-    """Held-out loss of the global adapter on this site's private split."""
-    model, device = load_site_model(cfg)
+    """Held-out loss of the global adapter on this site's private split, on the site's own
+    copy of the base model `base_model` if given."""
+    model, device = load_site_model(cfg, base_model=base_model)
     set_adapter_arrays(model, arrays)
     return evaluate(
         model, data.eval, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id, device=device
@@ -412,18 +421,24 @@ def run_evaluate(
 # partition (~0.5 s) each time is pure waste. It is a deterministic function of the key, so a
 # small per-process memo is safe.
 def site_data_for(
-    cfg: FedllmConfig, *, site: int, num_sites: int, local: LocalData | None = None
+    cfg: FedllmConfig,
+    *,
+    site: int,
+    num_sites: int,
+    local: LocalData | None = None,
+    base_model: str | None = None,
 ) -> tuple[SiteData, object]:
-    """This site's data and the tokenizer, memoised per every setting `load_site_data` reads:
-    the data, model (tokenizer), eval, safety and audit sections, train.device (the safety
-    filter's device), run.seed and the site's own data."""
+    """This site's data and the tokenizer (of its own copy of the base model `base_model`, if
+    given), memoised per every setting `load_site_data` reads: the data, model (tokenizer),
+    eval, safety and audit sections, train.device (the safety filter's device), run.seed,
+    the site's own data and its own model's path."""
     key = json.dumps(
         [cfg.to_dict()[k] for k in _SITE_DATA_SECTIONS]
-        + [cfg.train.device, cfg.run.seed, site, num_sites, repr(local)],
+        + [cfg.train.device, cfg.run.seed, site, num_sites, repr(local), base_model],
         sort_keys=True,
     )
     if key not in _SITE_DATA:
-        tokenizer = tokenizer_for(cfg)
+        tokenizer = tokenizer_for(cfg, base_model)
         data = load_site_data(cfg, site=site, num_sites=num_sites, tokenizer=tokenizer, local=local)
         if len(_SITE_DATA) >= _MAX_CACHED_SITES:  # one simulation process serves many sites
             _SITE_DATA.pop(next(iter(_SITE_DATA)))

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fedllm.config import FedllmConfig
 from fedllm.privacy.accounting import History
-from fedllm.privacy.ledger import Ledger
+from fedllm.privacy.ledger import Ledger, record_signer
 from fedllm.rundir import RunDir
 from fedllm.secure.at_rest import configured_key
 from fedllm.site import PrivacyState
@@ -43,18 +45,28 @@ class SiteLedgers:
 
     @classmethod
     def open(
-        cls, cfg: FedllmConfig, node: Mapping[str, Any], *, site: int, fingerprint: str
+        cls,
+        cfg: FedllmConfig,
+        node: Mapping[str, Any],
+        *,
+        site: int,
+        fingerprint: str,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> SiteLedgers:
         """Both ledgers under the node config's (`node`) `state-dir` (else the run's under
         `run.output-dir`), sealed under the node's `at-rest-key`, else
-        security.at-rest-key (a bad key stops the site before it trains)."""
+        security.at-rest-key (a bad key stops the site before it trains); every record
+        signed with the site's `signing_key` when given."""
+        signer = record_signer(signing_key) if signing_key is not None else None
         root = node.get("state-dir")
         base = Path(str(root)) / cfg.run.name if root else Path(cfg.run.output_dir) / cfg.run.name
         key = configured_key(str(node.get("at-rest-key") or cfg.security.at_rest_key))
         lifetime = None
         if root:
-            lifetime = Ledger(Path(str(root)) / LIFETIME_DIR / f"{fingerprint}.jsonl", key=key)
-        return cls(run=Ledger(RunDir.site_ledger_path(base, site), key=key), lifetime=lifetime)
+            path = Path(str(root)) / LIFETIME_DIR / f"{fingerprint}.jsonl"
+            lifetime = Ledger(path, key=key, signer=signer)
+        run = Ledger(RunDir.site_ledger_path(base, site), key=key, signer=signer)
+        return cls(run=run, lifetime=lifetime)
 
     def run_state(self) -> PrivacyState:
         """This run's DP-SGD history (what the run's ε and the coordinator's ledger count)."""
@@ -68,9 +80,10 @@ class SiteLedgers:
             else PrivacyState.from_ledger(self.lifetime.records()).history
         )
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write a round's spend durably to both, the lifetime ledger first: a crash between
-        the two then over-counts the lifetime spend, never under-counts it."""
+        the two then over-counts the lifetime spend, never under-counts it. Returns the
+        run ledger's stored (signed) record, which the reply carries to the coordinator."""
         if self.lifetime is not None:
             self.lifetime.append(record)
-        self.run.append(record)
+        return self.run.append(record)

@@ -17,8 +17,12 @@ answer-evaluate = true            # whether it evaluates the coordinator's adapt
 
 A site with an ε cap (here or in the node config's `epsilon-max`) trains only under
 record-level DP: a run without DP-SGD spends an unbounded ε that no cap could hold.
-What this does not cover: a coordinator that sends a different model under an allowed name
-(a site's own copy and its fingerprint are the remedy), and ε calibrated from
+`base-models` matches names only. That a model under an allowed name is the model the run
+means is checked beside this policy, by the same mod (`fedllm.mods.policy.PolicyMod`),
+with `fedllm.site_model.model_refusal`: a run that sets `model.fingerprint` is refused
+where the site's model (its own copy, node config `model`, or the one `model.name` resolves
+to at the site) has another, and a site with its own copy trains only under a run that
+sets one. What this policy does not check before the request: ε calibrated from
 `privacy.target-epsilon`, whose σ is checked at training time, once the site's record count
 is known (`fedllm.site.run_train`).
 """

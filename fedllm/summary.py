@@ -10,11 +10,13 @@ from rich.table import Table
 
 from fedllm.config import FedllmConfig, config_hash
 from fedllm.privacy.budget import effective_budget
+from fedllm.privacy.userdp import WITHHELD
 
 __all__ = [
     "SUMMARY_KEYS",
     "build_summary",
     "package_versions",
+    "participation_withheld",
     "render_table",
     "safety_section",
     "user_level_section",
@@ -257,17 +259,31 @@ def _guarantee_text(cfg: FedllmConfig) -> str:
     return "; ".join(parts) or "none"
 
 
+def participation_withheld(cfg: FedllmConfig) -> bool:
+    """Whether the run keeps which sites trained in which round out of its files: user-level
+    DP at the coordinator (Poisson-sampled sites) without record-level DP. Under record+user
+    each site's record-level spends name its rounds in the run's ledger, as they must for
+    `fedllm audit verify` to check them, so withholding the same facts elsewhere would hide
+    nothing; under HE every site is asked every round (q = 1)."""
+    p = cfg.privacy
+    return p.user_level and not p.record_level and cfg.strategy.secure_aggregation != "he"
+
+
 def user_level_section(cfg: FedllmConfig, user_dp: dict[str, Any]) -> dict[str, Any] | None:
     """User-level DP-FedAvg: its own ε, δ and parameters (never mixed with record-level ε),
-    from the user-level stage's state `user_dp`."""
+    from the user-level stage's state `user_dp`: only what the mechanism released or what is
+    public (rounds recorded before the rest was withheld lose it here)."""
     if not cfg.privacy.user_level:
         return None
     p = cfg.privacy
+    he = cfg.strategy.secure_aggregation == "he"
     rounds = user_dp.get("rounds", [])
+    if not he:
+        rounds = [{k: v for k, v in r.items() if k not in WITHHELD} for r in rounds]
     last = rounds[-1] if rounds else {}
     cap = p.user_epsilon_max or None
     spent = last.get("epsilon")
-    he = cfg.strategy.secure_aggregation == "he"
+    withheld = participation_withheld(cfg)
     return {
         "mechanism": (
             "DP-FedAvg with distributed Gaussian noise (each of n sites adds N(0, z^2 S^2 / n) "
@@ -288,6 +304,22 @@ def user_level_section(cfg: FedllmConfig, user_dp: dict[str, Any]) -> dict[str, 
         "epsilon_max": cap,
         "within_budget": cap is None or spent is None or spent <= cap,
         "rounds": rounds,
+        "participation_withheld": withheld,
+        "not_recorded": None
+        if he
+        else (
+            "the sites' update norms, the exact count of clipped updates (adaptive clipping "
+            "records its noised count), and which and how many sites were sampled or "
+            "contributed: the mechanism does not protect them"
+            + (
+                "; nor, anywhere in the run's files, which sites trained in which round "
+                "(participation, per-round training figures, training-phase rejections, "
+                "failures and refusals, bytes per round)"
+                if withheld
+                else "; the record-level ledger and per-site figures still name each site's "
+                "rounds (record+user)"
+            )
+        ),
     }
 
 
@@ -342,7 +374,8 @@ def render_table(summary: dict[str, Any]) -> Any:
     columns = ("site", "examples", "rounds in", "eval loss (start)", "eval loss (end)")
     for col in (*columns, "ppl (end)", "epsilon"):
         table.add_column(col, justify="right")
-    participation = summary.get("participation", [])
+    participation = summary.get("participation") or []
+    withheld = (summary.get("user_level") or {}).get("participation_withheld", False)
     for s, info in summary["sites"].items():
         losses = [x for x in info["eval_loss"] if x is not None]
         ppl = [x for x in info["perplexity"] if x is not None]
@@ -350,7 +383,10 @@ def render_table(summary: dict[str, Any]) -> Any:
         table.add_row(
             s,
             str(info["num_examples"] or "-"),
-            f"{sum(int(s) in p['aggregated'] for p in participation)}/{len(participation)}",
+            "-"
+            if withheld
+            else f"{sum(int(s) in p.get('aggregated', []) for p in participation)}/"
+            f"{len(participation)}",
             f"{losses[0]:.4f}" if losses else "-",
             f"{losses[-1]:.4f}" if losses else "-",
             f"{ppl[-1]:.2f}" if ppl else "-",
@@ -366,7 +402,7 @@ def render_table(summary: dict[str, Any]) -> Any:
         f"round {p['round']}: {kind} site {', '.join(map(str, p[kind]))}"
         for p in participation
         for kind in ("rejected", "missing")
-        if p[kind]
+        if p.get(kind)
     ]
     if (summary.get("security") or {}).get("sign_updates"):
         notes.append("every aggregated update was signed and verified against the registry")
@@ -394,5 +430,6 @@ def render_table(summary: dict[str, Any]) -> Any:
         table.caption = (table.caption or "") + (
             f"\nuser-level (whole-site) epsilon {user['epsilon']:.4f} at delta {user['delta']:g}"
             " -- a separate guarantee from the per-site record-level epsilon above"
+            + ("; which sites trained in which round is not recorded" if withheld else "")
         )
     return table

@@ -4,6 +4,7 @@ the stages and the mods use it; nothing else in `fedllm/` touches Flower records
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -16,8 +17,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.accounting import MECHANISMS
-from fedllm.secure.pki import RegisteredSite
-from fedllm.secure.sign import SIGNATURE_RECORD, Claim, check_signature, content_digest, statement
+from fedllm.secure.instruction import Instruction, instruction_fields
+from fedllm.secure.registry import RegisteredSite
+from fedllm.secure.sign import (
+    INSTRUCTION_RECORD,
+    SIGNATURE_RECORD,
+    Claim,
+    check_signature,
+    content_digest,
+    statement,
+)
 
 __all__ = [
     "ARRAYS",
@@ -41,7 +50,12 @@ __all__ = [
     "refusal_reason",
     "reply_site",
     "route_fedllm_logs",
+    "content_digest",
+    "instruction_record",
+    "sign_instruction",
     "sign_reply",
+    "site_spend_record",
+    "with_spend_record",
     "spend_metrics",
     "train_metrics",
     "verify_reply",
@@ -52,6 +66,7 @@ ARRAYS = "arrays"  # the adapter (ArrayRecord): plaintext tensors or CKKS cipher
 CONFIG = "config"  # coordinator -> site instructions (ConfigRecord)
 METRICS = "metrics"  # site -> coordinator figures (MetricRecord)
 REFUSAL = "refusal"  # a site's refusal: ConfigRecord {"reason": ...}
+SPEND = "spend"  # a train reply's signed ledger record of its spend: ConfigRecord {"record"}
 HE = "he"  # an encrypted reply's key id and payload digest: ConfigRecord
 
 # -- coordinator -> site config keys ------------------------------------------------------------
@@ -247,6 +262,27 @@ def sign_reply(content: RecordDict, key: ed25519.Ed25519PrivateKey, claim: Claim
     return content
 
 
+def sign_instruction(
+    content: RecordDict,
+    key: ed25519.Ed25519PrivateKey,
+    ins: Instruction,
+    registry: bytes,
+) -> RecordDict:
+    """A copy of an outgoing message's content with the coordinator's `instruction` record
+    (`ins.content_sha256` is the digest of `content`, `content_digest`). A copy, because a
+    Flower strategy hands every node's message the same RecordDict; the records inside it
+    are shared, not copied."""
+    signed = RecordDict(dict(content.items()))
+    signed[INSTRUCTION_RECORD] = ConfigRecord(instruction_fields(ins, key, registry))
+    return signed
+
+
+def instruction_record(content: RecordDict) -> tuple[Mapping[str, Any] | None, str]:
+    """A message's instruction record (None if unsigned) and the digest of its content."""
+    fields = content.config_records.get(INSTRUCTION_RECORD)
+    return (dict(fields) if fields is not None else None), content_digest(content)
+
+
 def verify_reply(content: RecordDict, site: RegisteredSite, expected: Claim, *, sender: str) -> str:
     """Check a reply's signature against `site`'s registered key and `expected` (this run,
     this round, the node it came from). Returns the verified digest.
@@ -263,6 +299,26 @@ def verify_reply(content: RecordDict, site: RegisteredSite, expected: Claim, *, 
         )
     fields = content.config_records[SIGNATURE_RECORD]
     return check_signature(fields, content_digest(content), site, expected, sender=sender)
+
+
+def with_spend_record(content: RecordDict, record: Mapping[str, Any]) -> RecordDict:
+    """Carry the site's stored ledger record of this round's spend (signed by the site, as
+    it wrote it) in its reply, for the run's ledger to hold as the site's own word."""
+    content[SPEND] = ConfigRecord({"record": json.dumps(record, sort_keys=True)})
+    return content
+
+
+def site_spend_record(content: RecordDict, *, sender: str) -> dict[str, Any] | None:
+    """The ledger record a train reply carries, or None; a malformed one is refused."""
+    if SPEND not in content.config_records:
+        return None
+    try:
+        record = json.loads(str(content.config_records[SPEND]["record"]))
+    except (KeyError, ValueError) as e:
+        raise InvalidUpdateError(f"{sender}: malformed spend record ({e}).") from e
+    if not isinstance(record, dict):
+        raise InvalidUpdateError(f"{sender}: malformed spend record (not an object).")
+    return record
 
 
 def route_fedllm_logs() -> None:

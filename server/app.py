@@ -19,6 +19,7 @@ from fedllm.config import parse_config
 from fedllm.errors import FedllmError
 from fedllm.model import adapter_spec
 from fedllm.rundir import RunDir
+from fedllm.secure.instruction import config_digest
 from fedllm.strategy.loop import FederatedRun
 from fedllm.wire import route_fedllm_logs
 
@@ -31,17 +32,24 @@ def create_app(overrides: dict[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        main(grid, {**context.run_config, **(overrides or {})})
+        main(
+            grid,
+            {**context.run_config, **(overrides or {})},
+            config_sha256=config_digest(context.run_config),
+        )
 
     return server_app
 
 
-def main(grid: Grid, run_config: dict[str, Any]) -> None:
+def main(grid: Grid, run_config: dict[str, Any], *, config_sha256: str = "") -> None:
     """Validate the config, open (or resume) the run directory and run every round; a
-    problem is one line naming it, no traceback, and the run directory is left untouched."""
+    problem is one line naming it, no traceback, and the run directory is left untouched.
+    `config_sha256` is the digest of the run config the sites were given (signed into every
+    instruction)."""
     try:
         cfg = parse_config(run_config)
-        FederatedRun(grid, cfg, RunDir.find(cfg), adapter_spec(cfg.model, cfg.lora)).execute()
+        spec = adapter_spec(cfg.model, cfg.lora)
+        FederatedRun(grid, cfg, RunDir.find(cfg), spec, config_sha256=config_sha256).execute()
     except FedllmError as e:
         log(ERROR, "fedllm: %s", e)
 

@@ -24,7 +24,15 @@ from fedllm import wire
 from fedllm.config import parse_config
 from fedllm.errors import KeyFileError, ProtectionUnavailableError
 from fedllm.model import adapter_spec
-from fedllm.mods import DistributedDPMod, HEMod, PolicyMod, SignMod, reply_mods, train_mods
+from fedllm.mods import (
+    DistributedDPMod,
+    HEMod,
+    InstructionMod,
+    PolicyMod,
+    SignMod,
+    reply_mods,
+    train_mods,
+)
 from fedllm.secure.he import SECRET_CONTEXT, payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest, statement
@@ -100,7 +108,7 @@ def test_the_mods_are_listed_in_the_documented_order() -> None:
     # Execute
     around_every, around_train = reply_mods({}), train_mods({})
     # Assert
-    assert [type(m) for m in around_every] == [SignMod, PolicyMod, HEMod]
+    assert [type(m) for m in around_every] == [SignMod, InstructionMod, PolicyMod, HEMod]
     assert [type(m) for m in around_train] == [DistributedDPMod]
 
 
@@ -306,8 +314,7 @@ def test_the_mods_in_order_send_a_signed_clipped_noised_encrypted_update(
         he_keys,
         clip=clip,
         sigma=1e-6,
-        node={"signing-key": str(path)},
-        **{"security.sign-updates": True},
+        node={"signing-key": str(path)},  # a key in the node config: the site always signs
     )
     # Assert
     fields = reply.content.config_records[SIGNATURE_RECORD]

@@ -27,11 +27,11 @@ from fedllm.secure.pki import (
     check_certificate,
     describe,
     init_pki,
-    load_registry,
     load_signing_key,
     parse_sites,
 )
 from fedllm.secure.preflight import check_site, check_superlink, parse_address, probe_tls
+from fedllm.secure.registry import load_registry, sign_body
 from tests.deployment import free_port
 
 
@@ -125,8 +125,12 @@ def test_node_auth_keys_are_what_flowers_own_loaders_accept(pki: PkiLayout) -> N
     assert key.curve.name == "secp384r1"  # what flower-supernode --auth-... loads
 
 
+def _coordinator(pki: PkiLayout):  # noqa: ANN202 - an Ed25519 public key
+    return load_signing_key(pki.coordinator_key).public_key()
+
+
 def test_the_registry_holds_each_sites_signing_key_by_partition(pki: PkiLayout) -> None:
-    sites = load_registry(pki.registry)
+    sites = load_registry(pki.registry, _coordinator(pki)).sites
     assert [sites[k].name for k in sorted(sites)] == ["site-0", "site-1"]
     message = b"round 1"
     signature = load_signing_key(pki.signing_key("site-1")).sign(message)
@@ -203,13 +207,34 @@ def test_a_tls_key_that_does_not_match_its_certificate_is_refused(
         check_superlink(tmp_path)
 
 
-def test_a_corrupt_registry_is_refused_naming_the_file(tmp_path: Path, pki: PkiLayout) -> None:
+def test_an_edited_registry_fails_the_coordinators_signature(
+    tmp_path: Path, pki: PkiLayout
+) -> None:
+    bad = tmp_path / "registry.json"
+    raw = json.loads(pki.registry.read_text())
+    raw["sites"]["site-1"]["signing-public-key"] = raw["sites"]["site-0"]["signing-public-key"]
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(KeyFileError, match=rf"registry {bad}: its signature does not verify"):
+        load_registry(bad, _coordinator(pki))
+
+
+def test_a_signed_but_corrupt_registry_is_refused_naming_the_file(
+    tmp_path: Path, pki: PkiLayout
+) -> None:
     bad = tmp_path / "registry.json"
     raw = json.loads(pki.registry.read_text())
     raw["sites"]["site-1"]["partition-id"] = 0
+    sign_body(raw, load_signing_key(pki.coordinator_key), b"fedllm registry v2\n")
     bad.write_text(json.dumps(raw))
     with pytest.raises(KeyFileError, match=rf"{bad} is not a valid .*partition-id 0 given to two"):
-        load_registry(bad)
+        load_registry(bad, _coordinator(pki))
+
+
+def test_a_registry_is_refused_under_another_coordinators_key(
+    pki: PkiLayout, other: PkiLayout
+) -> None:
+    with pytest.raises(KeyFileError, match="signature does not verify under key"):
+        load_registry(pki.registry, _coordinator(other))
 
 
 def test_a_site_completes_a_real_tls_handshake_with_the_federations_ca(

@@ -9,7 +9,7 @@ from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedllm.errors import InvalidUpdateError
-from fedllm.secure.pki import RegisteredSite
+from fedllm.secure.registry import RegisteredSite
 from fedllm.secure.sign import SIGNATURE_RECORD, Claim, content_digest
 from fedllm.wire import arrays_to_record, sign_reply, verify_reply
 

@@ -34,6 +34,7 @@ def _cfg(pki: PkiLayout, tiny_model_dir: Path, **extra: object) -> object:
             "model.name": str(tiny_model_dir),
             "security.sign-updates": True,
             "security.registry": str(pki.registry),
+            "security.coordinator-key": str(pki.coordinator_key),
             "security.site-signing-key": str(
                 pki.root / "sites" / "site-{partition}" / "signing.key"
             ),

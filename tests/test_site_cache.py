@@ -24,7 +24,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[FedllmConfig]:
         return object()
 
     monkeypatch.setattr(site, "_SITE_DATA", {})
-    monkeypatch.setattr(site, "tokenizer_for", lambda cfg: "tokenizer")
+    monkeypatch.setattr(site, "tokenizer_for", lambda cfg, *_a, **_k: "tokenizer")
     monkeypatch.setattr(site, "load_site_data", fake_load)
     return calls
 

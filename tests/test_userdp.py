@@ -3,6 +3,7 @@ multiplier the coordinator's user-level stage records against the noise it adds.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from fedllm.config import parse_config
 from fedllm.errors import ConfigError
 from fedllm.model import adapter_spec
 from fedllm.privacy.userdp import (
+    WITHHELD,
     UserDPSettings,
     adaptive_update_noise,
     clip_update,
@@ -201,12 +203,12 @@ class _ZeroNoise:
 
 def _user_dp_round(
     tiny_model_dir: Path, run_dir: Path, clipping: str, norms: list[float]
-) -> tuple[dict[str, Any], np.ndarray, float, _ZeroNoise]:
+) -> tuple[dict[str, Any], np.ndarray, float, _ZeroNoise, dict[str, Any]]:
     """One round of the coordinator's user-level stage over sites whose updates have these
     L2 norms (q = 1, 10 sites in the population, z = 1, σ_b = 0.6, S = 1, η = 0.2, γ = 0.5),
     with noise 0. Returns the ledger record, the released sum of updates (mean · qN), the
     released count statistic (the noisy fraction · qN, read back from the next clip norm),
-    and the noise the stage asked for."""
+    the noise the stage asked for, and the round as the stage's state records it."""
     cfg = parse_config(
         {
             "model.name": str(tiny_model_dir),
@@ -249,7 +251,8 @@ def _user_dp_round(
     next_clip = stage.state["user_dp"]["clip_norm"]
     fraction = 0.5 - math.log(next_clip / 1.0) / 0.2  # C' = C exp(-η (f - γ))
     (record,) = ctx.ledger().records()
-    return record, released * expected_sites, fraction * expected_sites, rng
+    (recorded,) = stage.state["user_dp"]["rounds"]
+    return record, released * expected_sites, fraction * expected_sites, rng, recorded
 
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
@@ -265,11 +268,11 @@ def test_the_ledger_multiplier_is_the_one_the_noise_added_and_its_sensitivity_gi
         monkeypatch.setattr(TaskIdentity, name, 1)
     base = [0.3, 0.5, 2.0, 4.0]  # two updates under S = 1, two clipped
     # Execute
-    record, sums, count, rng = _user_dp_round(tiny_model_dir, tmp_path / "d", clipping, base)
-    _, sums_small, count_small, _ = _user_dp_round(
+    record, sums, count, rng, _ = _user_dp_round(tiny_model_dir, tmp_path / "d", clipping, base)
+    _, sums_small, count_small, _, _ = _user_dp_round(
         tiny_model_dir, tmp_path / "d-small", clipping, [*base, 0.2]
     )
-    _, sums_big, count_big, _ = _user_dp_round(
+    _, sums_big, count_big, _, _ = _user_dp_round(
         tiny_model_dir, tmp_path / "d-big", clipping, [*base, 3.0]
     )
     # Assert
@@ -289,3 +292,62 @@ def test_the_ledger_multiplier_is_the_one_the_noise_added_and_its_sensitivity_gi
         derived = z_update
     assert record["noise_multiplier"] == pytest.approx(derived, rel=1e-6)
     assert derived == pytest.approx(1.0, rel=1e-6)  # the configured z
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_a_round_records_no_site_norm_exact_count_or_which_sites_took_part(
+    clipping: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage's record of a round and its ledger record hold the released figures: no
+    update norm, no exact clipped count, no sampled sites or number of contributors. With
+    adaptive clipping the count it records is the noised one the clip norm moved on (here,
+    noise 0: q·N/2 − Σ(b − ½) = 10/2 − (2 − 4/2) = 5, not the exact 2); fixed clipping
+    records none."""
+    # Prepare
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    norms = [0.31415, 0.27182, 2.71828, 4.66920]  # two under S = 1, two clipped
+    # Execute
+    record, _, count, _, recorded = _user_dp_round(tiny_model_dir, tmp_path, clipping, norms)
+    text = json.dumps([record, recorded])
+    # Assert
+    assert not set(WITHHELD) & set(recorded)
+    assert not {"sampled_sites", "contributors"} & set(record)
+    spellings = {json.dumps(n) for n in norms} | {json.dumps(float(np.float32(n))) for n in norms}
+    assert not any(s in text for s in spellings)
+    assert recorded["clip_norm"] == record["clip_norm"] == 1.0
+    assert record["expected_sites"] == 10.0 and record["sample_rate"] == 1.0
+    if clipping == "adaptive":
+        assert recorded["clipped_noisy"] == pytest.approx(5.0)
+        assert recorded["clipped_noisy"] == pytest.approx(10.0 - count)  # what moved S
+    else:
+        assert "clipped_noisy" not in recorded
+
+
+def test_the_noised_count_is_what_the_clip_norm_moved_on() -> None:
+    """`noisy_mean_update` reports q·N · (1 − b̄) for the b̄ it stepped the clip norm with,
+    drawing the same noise as `update_clip_norm`; with fixed clipping no count at all."""
+    # Prepare
+    settings = UserDPSettings(
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        sample_rate=0.5,
+        num_sites=20,
+        adaptive=True,
+        count_stddev=0.6,
+    )
+    fixed = UserDPSettings(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, num_sites=20)
+    updates = [_update(s, k) for k, s in enumerate((1e-3, 1e-3, 10.0))]
+    # Execute
+    out = noisy_mean_update(updates, SHAPES, settings, 1.0, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    for shape in SHAPES.values():
+        rng.normal(0.0, 1.0, size=shape)  # the update noise comes first
+    step = update_clip_norm(settings, 1.0, unclipped=2, rng=rng, contributors=3)
+    plain = noisy_mean_update(updates, SHAPES, fixed, 1.0, np.random.default_rng(7))
+    # Assert
+    fraction = 1.0 - out.noisy_clipped / settings.expected_sites
+    assert out.next_clip_norm == pytest.approx(step)
+    assert out.next_clip_norm == pytest.approx(math.exp(-0.2 * (fraction - 0.5)))
+    assert not hasattr(out, "norms")
+    assert plain.noisy_clipped is None

@@ -34,23 +34,62 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
     from fedllm.secure.pki import PkiLayout, init_pki, parse_sites
 
-    sites = parse_sites(args.sites)
+    sites = parse_sites(args.sites) if args.sites else []
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     registry = init_pki(Path(args.out), hosts=hosts, sites=sites, days=args.days, force=args.force)
     layout = PkiLayout(Path(args.out))
     print(f"CA and SuperLink certificate for {', '.join(hosts)} (valid {args.days} days):")
     print(f"  {layout.ca_key}  (0600) the CA key: keep it offline")
     print(f"  {layout.server_cert}, {layout.server_key} (0600): the coordinator's TLS pair")
-    print(f"  {layout.registry}: the sites' signing keys, for the coordinator")
+    print(f"  {layout.coordinator_key} (0600): signs the registry, instructions and manifests")
+    print(f"  {layout.ca_cert}, {layout.coordinator_pub}: give both to every site and auditor")
+    print(
+        f"  {layout.registry}: the sites' public keys, signed (coordinator key "
+        f"{registry['coordinator']['key-id'][:16]}...)"
+    )
     for site, entry in registry["sites"].items():
         print(
             f"  {layout.site_dir(site)}/  partition-id {entry['partition-id']}: node-auth.key, "
-            f"signing.key (0600), ca.pem -> to {site} only; signing key "
+            f"signing.key (0600), ca.pem, coordinator.pub -> to {site} only; signing key "
             f"{entry['signing-key-id'][:16]}..."
         )
+    if sites:
+        print(
+            "DEMO: every site's private keys were made here, so whoever holds this folder can "
+            "sign as any site. Real sites run `fedllm site init NAME` and send you their "
+            "enrolment.json for `fedllm pki enrol`."
+        )
+        print(
+            "Register each site with the SuperLink: "
+            f"`fedllm pki register --dir {args.out} --federation <connection>`."
+        )
+    else:
+        print(
+            "Next: each site runs `fedllm site init NAME --ca ca.pem --coordinator-key "
+            "coordinator.pub`, and you add its enrolment.json with `fedllm pki enrol FILE`."
+        )
+    return 0
+
+
+def cmd_pki_enrol(args: argparse.Namespace) -> int:
+    """Add a site's enrolment file to the registry and re-sign it."""
+    # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
+    from fedllm.secure.pki import PkiLayout, load_signing_key  # heavy: as above
+    from fedllm.secure.registry import enrol, load_enrolment  # heavy: as above
+
+    layout = PkiLayout(Path(args.dir))
+    enrolment = load_enrolment(Path(args.file))
+    key = load_signing_key(layout.coordinator_key, "the coordinator's signing key")
+    entry = enrol(layout.registry, enrolment, key, partition_id=args.partition_id)
     print(
-        "Register each site with the SuperLink: "
-        f"`fedllm pki register --dir {args.out} --federation <connection>`."
+        f"enrolled {enrolment['name']!r} as partition-id {entry['partition-id']} in "
+        f"{layout.registry} (signing key {entry['signing-key-id'][:16]}...; check this id "
+        "with the site out of band)"
+    )
+    print(
+        f"  the site starts its SuperNode with --partition-id {entry['partition-id']}; "
+        f"register its node key: `fedllm pki register --dir {args.dir} --sites "
+        f"{enrolment['name']} --federation <connection>`"
     )
     return 0
 
@@ -95,19 +134,29 @@ def cmd_pki_check(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_register(args: argparse.Namespace) -> int:
-    """Register every site's node-auth key with the SuperLink through Flower's own CLI."""
+    """Register every enrolled site's node-auth key with the SuperLink through Flower's own
+    CLI (the public key comes from the signed registry, not from a site's folder)."""
     # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
-    from fedllm.secure.pki import PkiLayout, load_registry
+    import json  # heavy: (stdlib) only this verb needs it
+    import tempfile  # heavy: (stdlib) only this verb needs it
+
+    from fedllm.secure.pki import PkiLayout, load_signing_key  # heavy: as above
+    from fedllm.secure.registry import load_registry  # heavy: as above
 
     layout = PkiLayout(Path(args.dir))
-    sites = load_registry(layout.registry)
-    for site in sorted(sites.values(), key=lambda s: s.partition_id):
+    key = load_signing_key(layout.coordinator_key, "the coordinator's signing key")
+    registry = load_registry(layout.registry, key.public_key())
+    entries = json.loads(registry.raw)["sites"]
+    for site in sorted(registry.sites.values(), key=lambda s: s.partition_id):
         if args.sites and site.name not in args.sites.split(","):
             continue
-        cmd = ["flwr", "supernode", "register", str(layout.node_auth_pub(site.name))]
-        cmd += [args.federation] if args.federation else []
-        cmd += ["--name", site.name]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            public = Path(tmp) / f"{site.name}.pub"
+            public.write_text(entries[site.name]["node-auth-public-key"] + "\n")
+            cmd = ["flwr", "supernode", "register", str(public)]
+            cmd += [args.federation] if args.federation else []
+            cmd += ["--name", site.name]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         text = (done.stdout + done.stderr).strip().splitlines()
         print(f"{site.name}: {text[-1] if text else done.returncode}")
         if done.returncode != 0:
@@ -162,10 +211,13 @@ def supernode_command(
     node_config: str = "",
 ) -> list[str]:
     """The `flower-supernode` command line for a site: TLS to the federation's CA, node
-    authentication with the site's P-384 key, its signing key in the node config."""
+    authentication with the site's P-384 key, its signing key and the coordinator's public
+    key in the node config (the site then signs everything and checks every instruction,
+    whatever the run config says)."""
     config = (
         f"partition-id={partition_id} num-partitions={num_partitions} "
-        f'signing-key="{site_dir / "signing.key"}" {node_config}'
+        f'signing-key="{site_dir / "signing.key"}" '
+        f'coordinator-key="{site_dir / "coordinator.pub"}" {node_config}'
     ).strip()
     cmd = [
         "flower-supernode",
@@ -202,10 +254,15 @@ def add_parsers(sub: Any) -> None:
     """`pki`, `superlink` and `supernode` under the main parser (`federation add` is in
     `fedllm.cli.federation`)."""
     pki_sub = verb_group(sub, "pki", "certificates and keys for a multi-site deployment")
-    init = pki_sub.add_parser("init", help="make the CA, the SuperLink cert and site keys")
+    init = pki_sub.add_parser(
+        "init", help="make the CA, the SuperLink cert, the coordinator's key and registry"
+    )
     init.add_argument("--out", default=DEFAULT_PKI)
     init.add_argument("--hosts", required=True, help="names/IPs the sites dial, comma-separated")
-    init.add_argument("--sites", required=True, help="a count (site-0..) or comma-separated names")
+    init.add_argument(
+        "--sites",
+        help="DEMO on one machine: also make these sites' keys here (a count or names)",
+    )
     init.add_argument("--days", type=int, default=365, help="certificate lifetime")
     init.add_argument("--force", action="store_true", help="overwrite existing keys")
     init.set_defaults(func=cmd_pki_init)
@@ -219,6 +276,11 @@ def add_parsers(sub: Any) -> None:
     check.add_argument("--superlink", help="with --site-dir: dial this host:port over TLS")
     check.add_argument("--timeout", type=float, default=5.0)
     check.set_defaults(func=cmd_pki_check)
+    enrol_p = pki_sub.add_parser("enrol", help="add a site's enrolment file to the registry")
+    enrol_p.add_argument("file", help="the enrolment.json a site made with `fedllm site init`")
+    enrol_p.add_argument("--dir", default=DEFAULT_PKI, help="the coordinator's pki directory")
+    enrol_p.add_argument("--partition-id", type=int, help="default: the next free one")
+    enrol_p.set_defaults(func=cmd_pki_enrol)
     reg = pki_sub.add_parser("register", help="register the sites' node keys (flwr supernode)")
     reg.add_argument("--dir", default=DEFAULT_PKI)
     reg.add_argument("--federation", help="Flower connection of the SuperLink")
@@ -236,7 +298,7 @@ def add_parsers(sub: Any) -> None:
     link.set_defaults(func=cmd_superlink)
 
     node = sub.add_parser("supernode", help="check a site's keys and the link, then run it")
-    node.add_argument("--site-dir", required=True, help="keys/pki/sites/<site> from pki init")
+    node.add_argument("--site-dir", required=True, help="the site's key folder (site init)")
     node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     node.add_argument("--partition-id", type=int, required=True)
     node.add_argument("--num-partitions", type=int, required=True)

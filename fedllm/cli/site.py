@@ -1,4 +1,5 @@
-"""`fedllm site budget`: a site's lifetime privacy spend on each of its datasets."""
+"""`fedllm site init` (a site's own keys) and `fedllm site budget` (its lifetime privacy
+spend on each of its datasets)."""
 
 from __future__ import annotations
 
@@ -62,9 +63,42 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_init(args: argparse.Namespace) -> int:
+    # heavy: cryptography loads only for this verb
+    from fedllm.secure.site_keys import SiteKeys, init_site
+
+    out = Path(args.out or f"keys/site/{args.name}")
+    enrolment = init_site(
+        out,
+        args.name,
+        ca=Path(args.ca) if args.ca else None,
+        coordinator_key=Path(args.coordinator_key) if args.coordinator_key else None,
+        force=args.force,
+    )
+    keys = SiteKeys(out)
+    print(f"site {args.name!r}: keys made here, at {out}; no private key leaves this folder")
+    print(f"  {keys.node_auth_key} (0600): node authentication (P-384)")
+    print(f"  {keys.signing_key} (0600): signs every reply and ledger record (Ed25519)")
+    print(
+        f"  {keys.enrolment}: public; send it to the coordinator for `fedllm pki enrol`. "
+        f"Signing key id {enrolment['signing-key-id']}: read it out to them to compare."
+    )
+    for path, what in ((keys.ca, "--ca ca.pem"), (keys.coordinator_pub, "--coordinator-key")):
+        if not path.is_file():
+            print(f"  still needed from the coordinator: {path.name} (copy it here, or {what})")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
-    """`site budget`."""
-    site = verb_group(sub, "site", "a site's own state")
+    """`site init` and `site budget`."""
+    site = verb_group(sub, "site", "a site's own keys and state")
+    init = site.add_parser("init", help="make this site's node-auth and signing keys, here")
+    init.add_argument("name", help="the site's name (letters, digits, '.', '_', '-')")
+    init.add_argument("--out", help="the site's key folder (default keys/site/NAME)")
+    init.add_argument("--ca", help="the federation's ca.pem, copied into the folder")
+    init.add_argument("--coordinator-key", help="the coordinator.pub, copied into the folder")
+    init.add_argument("--force", action="store_true", help="overwrite existing keys")
+    init.set_defaults(func=cmd_site_init)
     budget = site.add_parser("budget", help="lifetime privacy spend per dataset, per run")
     budget.add_argument("--state-dir", required=True, help="the site's node config state-dir")
     budget.add_argument("--policy", help="the site's policy file (its epsilon-max is the cap)")

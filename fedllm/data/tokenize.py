@@ -3,6 +3,8 @@ with the loss on the answer only (prompt and padding are labelled ``-100``), and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,30 +26,63 @@ IGNORE_INDEX = -100
 
 _CHAT_BATCH = 256
 
+_SPLIT_DOMAIN = "fedllm.split-train-eval.v1"
+"""Prefix of every split hash, so it is never the same hash as one made for another use."""
+
 
 def split_train_eval(
     ds: datasets.Dataset, *, eval_fraction: float, max_eval_examples: int, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Hold out a bounded, reproducible evaluation set from one site's examples.
+    """Hold out a bounded, reproducible evaluation set, deciding each record by its own hash.
+
+    Each record gets ``u = H(seed, record) / 2**64`` in [0, 1): the first 8 bytes
+    (big-endian) of the SHA-256 of the compact JSON list ``["fedllm.split-train-eval.v1",
+    seed, prompt, response, category]`` (``category`` is ``null`` where the column is
+    absent). A record is held out iff ``u < eval_fraction``. Its side therefore depends on
+    its own content and the seed only, never on which other records the site holds (apart
+    from the cap and the two fallbacks below): adding or removing one record moves no other
+    record between train and held-out, so DP's epsilon, computed over the training split,
+    describes one record of the site's own data. Content-identical duplicates have the same
+    hash and land on the same side; that is correct, an exact duplicate is the same record.
+
+    The cap keeps the held-out records of smallest hash: it cuts at the largest hash value
+    with at most ``max_eval_examples`` held-out records at or below it, so it never separates
+    duplicates either. A record's rank by its own hash does not depend on the others, so when
+    the cap binds, adding one record moves at most one held-out record (the one of largest
+    hash, with its exact duplicates) back to train, and removing one record moves at most
+    one train record (the one of smallest hash above the cut, with its duplicates) into
+    held-out; no other record moves from train to held-out on an addition, or the other way
+    on a removal. When the cap does not bind, no other record moves at all.
+
+    Two fallbacks are the only cases where the set's size decides a record's side (and
+    where duplicates may be separated; ties between equal hashes go by position): if the
+    rule holds out no record, the record of smallest hash is held out (so ``eval`` is never
+    empty unless ``max_eval_examples`` is 0); if it holds out every record, the one of
+    largest hash is kept for training (so ``train`` is never empty). For ``n`` distinct
+    records these happen with probability ``(1 - eval_fraction)**n`` and
+    ``eval_fraction**n``: on small sites only (the first also when the cap is smaller than
+    the group of duplicates of smallest hash).
 
     Parameters
     ----------
     ds : datasets.Dataset
-        One site's examples.
+        One site's examples, with ``prompt`` and ``response`` (and optionally ``category``)
+        columns.
     eval_fraction : float
-        Share of the examples to hold out, in (0, 1).
+        Probability, per record, of being held out, in (0, 1).
     max_eval_examples : int
         Cap on the held-out set: evaluating every held-out example each round is what made
         rounds slow on CPU, so the cost stays bounded however large the site is.
     seed : int
-        Seed of the shuffle; the same seed always gives the same split.
+        The run seed, hashed with each record; the same seed always gives the same split and
+        a different seed an independent one.
 
     Returns
     -------
     tuple[datasets.Dataset, datasets.Dataset]
-        ``(train, eval)``: disjoint, together all of ``ds``; ``eval`` has
-        ``min(max(1, round(n * eval_fraction)), max_eval_examples)`` rows and ``train`` at
-        least one.
+        ``(train, eval)``: disjoint, together all of ``ds``, each in the original order;
+        ``eval`` has about ``n * eval_fraction`` rows (binomially distributed) and at most
+        ``max_eval_examples``, and ``train`` at least one.
 
     Raises
     ------
@@ -66,11 +101,36 @@ def split_train_eval(
             f"A site with {n} example(s) cannot be split into training and evaluation sets; "
             "give each site at least two examples (fewer sites or more data)."
         )
-    n_eval = min(max(1, round(n * eval_fraction)), max_eval_examples, n - 1)
-    shuffled = ds.shuffle(seed=seed)
-    eval_ds = shuffled.select(range(n_eval))
-    train_ds = shuffled.select(range(n_eval, n))
-    return train_ds, eval_ds
+    hashes = _record_hashes(ds, seed)
+    bound = eval_fraction * 2**64  # exact: int < float compares exactly in Python
+    held = sorted((h, i) for i, h in enumerate(hashes) if h < bound)
+    if len(held) > max_eval_examples:
+        cut = max_eval_examples
+        while cut > 0 and held[cut - 1][0] == held[cut][0]:  # keep duplicates together
+            cut -= 1
+        held = held[:cut]
+    if not held and max_eval_examples > 0:
+        held = [min((h, i) for i, h in enumerate(hashes))]
+    elif len(held) == n:
+        held = held[:-1]
+    eval_idx = sorted(i for _, i in held)
+    held_set = set(eval_idx)
+    train_idx = [i for i in range(n) if i not in held_set]
+    return ds.select(train_idx), ds.select(eval_idx)
+
+
+def _record_hashes(ds: datasets.Dataset, seed: int) -> list[int]:
+    """``H(seed, record)`` of each row as an integer in [0, 2**64) (see `split_train_eval`)."""
+    prompts, responses = ds["prompt"], ds["response"]
+    categories = ds["category"] if "category" in ds.column_names else [None] * len(ds)
+    hashes = []
+    for prompt, response, category in zip(prompts, responses, categories, strict=True):
+        payload = json.dumps(
+            [_SPLIT_DOMAIN, seed, prompt, response, category], separators=(",", ":")
+        )
+        digest = hashlib.sha256(payload.encode("utf-8")).digest()
+        hashes.append(int.from_bytes(digest[:8], "big"))
+    return hashes
 
 
 def tokenize_examples(

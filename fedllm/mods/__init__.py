@@ -4,8 +4,11 @@ A mod wraps the ClientApp's handler: `mod(msg, context, call_next)`. Flower appl
 ClientApp's mods (`ClientApp(mods=...)`) outside a function's own (`@app.train(mods=...)`),
 first in the list outermost, so a site's train reply passes, from the handler out:
 
-    handler -> DistributedDPMod -> HEMod -> PolicyMod -> SignMod -> the coordinator
+    handler -> DistributedDPMod -> HEMod -> PolicyMod -> InstructionMod -> SignMod -> the
+    coordinator
 
+- `InstructionMod` checks the coordinator's signature on the request (its run, round,
+  node, phase, content, run config and registry) before anything else reads it;
 - `PolicyMod` checks the request against the site's own policy first (`fedllm.site_policy`)
   and answers one it does not accept with a refusal naming the rule: no data is read;
 - `DistributedDPMod` (train only) clips the plaintext update and adds the noise share;
@@ -29,15 +32,24 @@ from flwr.clientapp.typing import Mod
 
 from fedllm.mods.distributed_dp import DistributedDPMod
 from fedllm.mods.he import HEMod
+from fedllm.mods.instruction import InstructionMod
 from fedllm.mods.policy import PolicyMod
 from fedllm.mods.sign import SignMod
 
-__all__ = ["DistributedDPMod", "HEMod", "PolicyMod", "SignMod", "reply_mods", "train_mods"]
+__all__ = [
+    "DistributedDPMod",
+    "HEMod",
+    "InstructionMod",
+    "PolicyMod",
+    "SignMod",
+    "reply_mods",
+    "train_mods",
+]
 
 
 def reply_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
     """The mods around every handler (`ClientApp(mods=...)`), outermost first."""
-    return [SignMod(overrides), PolicyMod(overrides), HEMod(overrides)]
+    return [SignMod(overrides), InstructionMod(overrides), PolicyMod(overrides), HEMod(overrides)]
 
 
 def train_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:

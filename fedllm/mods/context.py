@@ -17,7 +17,7 @@ from fedllm.config import FedllmConfig, parse_config
 from fedllm.site import LocalData
 from fedllm.wire import CONFIG, RUN_NAME
 
-__all__ = ["SiteMod", "local_data", "partition", "site_config"]
+__all__ = ["SiteMod", "local_data", "local_model", "partition", "site_config"]
 
 
 def site_config(msg: Message, context: Context, overrides: Mapping[str, Any]) -> FedllmConfig:
@@ -65,6 +65,15 @@ def local_data(context: Context) -> LocalData | None:
     )
 
 
+def local_model(context: Context) -> str | None:
+    """The site's own copy of the base model, if its node config names one (`model`: a
+    directory saved with `save_pretrained`). The site then loads its model and tokenizer
+    from it instead of `model.name`, and only under a run whose `model.fingerprint` is that
+    copy's (`fedllm.site_model.model_refusal`, checked by `PolicyMod`)."""
+    path = context.node_config.get("model")
+    return str(path) if path else None
+
+
 class SiteMod:
     """Base of the site's client mods: a callable `mod(msg, ctxt, call_next)` (Flower's
     `Mod`, built like its `LocalDpMod`) that reads the site's config as the app does.
@@ -81,3 +90,8 @@ class SiteMod:
     def config(self, msg: Message, ctxt: Context) -> FedllmConfig:
         """The config this message runs under (`site_config` with this mod's overrides)."""
         return site_config(msg, ctxt, self.overrides)
+
+    def run_config(self, ctxt: Context) -> FedllmConfig:
+        """The run config with this mod's overrides, without the run name a message sends:
+        what a mod that handles keys reads, so a bad name is the policy's to refuse."""
+        return parse_config({**ctxt.run_config, **self.overrides})

@@ -1,5 +1,6 @@
 """The site's policy, as a client mod: a request it does not accept is refused before the
-app reads any data (`fedllm.site_policy`)."""
+app reads any data (`fedllm.site_policy`), and so is one whose base model the site cannot
+confirm is the run's (`fedllm.site_model`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedllm.config import FedllmConfig
-from fedllm.mods.context import SiteMod, partition
+from fedllm.mods.context import SiteMod, local_model, partition
 from fedllm.privacy.budget import effective_budget
+from fedllm.site_model import model_refusal
 from fedllm.site_policy import SitePolicy, load_policy
 from fedllm.wire import refusal_content
 
@@ -43,17 +45,20 @@ def site_budget(cfg: FedllmConfig, context: Context, policy: SitePolicy) -> floa
 
 
 class PolicyMod(SiteMod):
-    """Client mod that answers a request the site's policy does not accept with a refusal
-    naming the rule, before the handler (or any mod inside it) runs. It sits inside
-    `SignMod`, so the refusal is signed, and outside `HEMod`, so nothing is decrypted first."""
+    """Client mod that answers a request the site's policy does not accept, or one whose base
+    model is not the run's (`model.fingerprint`, the site's own copy in the node config's
+    `model`), with a refusal naming the rule, before the handler (or any mod inside it)
+    runs. It sits inside `SignMod`, so the refusal is signed, and outside `HEMod`, so
+    nothing is decrypted first."""
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         """Check the request; refuse it, or run the app."""
         policy = site_policy(ctxt)
         phase = "evaluate" if msg.metadata.message_type == MessageType.EVALUATE else "train"
-        reason = policy.refusal(
-            self.config(msg, ctxt), phase, node_epsilon_max=node_epsilon_max(ctxt)
-        )
+        cfg = self.config(msg, ctxt)
+        reason = policy.refusal(cfg, phase, node_epsilon_max=node_epsilon_max(ctxt))
+        if not reason:  # the policy's rules first: they hash nothing
+            reason = model_refusal(cfg, local_model(ctxt))
         if not reason:
             return call_next(msg, ctxt)
         site = partition(ctxt)[0]

@@ -23,20 +23,19 @@ __all__ = ["SignMod", "signing_key"]
 
 
 def signing_key(cfg: FedllmConfig, context: Context, site: int) -> Ed25519PrivateKey | None:
-    """The site's update-signing key under `security.sign-updates` (node config
-    `signing-key`, else the run config's per-partition `security.site-signing-key`), or
-    None when replies go unsigned.
+    """The site's signing key: its node config's `signing-key` always (the coordinator
+    cannot switch a site's signatures off), else under `security.sign-updates` the run
+    config's per-partition `security.site-signing-key`; None when replies go unsigned.
 
     Raises
     ------
     KeyFileError
         If the key file is missing or readable by others.
     """
-    if not cfg.security.sign_updates:
+    path = context.node_config.get("signing-key")
+    if not path and not cfg.security.sign_updates:
         return None
-    path = context.node_config.get("signing-key") or cfg.security.site_signing_key.format(
-        partition=site
-    )
+    path = path or cfg.security.site_signing_key.format(partition=site)
     return load_signing_key(Path(str(path)))
 
 
@@ -56,7 +55,7 @@ class SignMod(SiteMod):
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         """Load the key, run the rest of the app, sign its reply."""
-        key = signing_key(self.config(msg, ctxt), ctxt, partition(ctxt)[0])
+        key = signing_key(self.run_config(ctxt), ctxt, partition(ctxt)[0])
         reply = call_next(msg, ctxt)
         if key is None or reply.has_error():
             return reply

@@ -6,6 +6,12 @@ one line at a time and fsync'd before the update they account for leaves the sit
 mid-write leaves at most a torn last line without a newline; readers ignore it (that spend
 was never acknowledged) and the next append cuts it off first, so the ledger always parses.
 
+A site signs each record it writes (`site_signature`: Ed25519 with its signing key over
+the record's canonical JSON, position and previous hash included), so its ledger cannot be
+rewritten consistently by anyone without the site's key, and a copy of the record that
+travels in the run's ledger (`site_record`) is still the site's word. The signature is
+inside what the record's own `sha256` covers.
+
 With an at-rest key (`security.at-rest-key`) each line is the record sealed with AES-256-GCM,
 `{"aes-256-gcm": <base64>, "key-id": <id>}`; the hash chain is still over the plaintext
 records, so `verify_chain` and `fedllm audit verify` recompute exactly the same.
@@ -19,16 +25,21 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fedllm.errors import FedllmError
 from fedllm.secure.at_rest import AtRestError, AtRestKey, open_sealed, seal
+from fedllm.secure.registry import public_key_id, public_pem
 
 __all__ = [
     "DP_SGD",
+    "SITE_RECORD",
+    "SITE_SIGNATURE",
     "GENESIS",
     "MECHANISM_NAMES",
     "SEALED_FIELD",
@@ -38,6 +49,8 @@ __all__ = [
     "LedgerError",
     "dp_sgd_entry",
     "record_hash",
+    "record_signer",
+    "signed_body",
     "user_dp_entry",
     "verify_chain",
 ]
@@ -48,6 +61,11 @@ USER_GAUSSIAN = "user-gaussian"
 USER_SITE = "all"  # a user-level record protects every site alike
 MECHANISM_NAMES = (DP_SGD, USER_GAUSSIAN)
 SEALED_FIELD = "aes-256-gcm"  # the one field of a sealed line that matters
+SITE_SIGNATURE = "site_signature"  # a site's Ed25519 signature on a record it wrote
+SITE_RECORD = "site_record"  # in the run's ledger: the site's own signed record of a spend
+_RECORD_CONTEXT = b"fedllm ledger record v1\n"
+
+Signer = Callable[[bytes], dict[str, str]]
 
 
 class LedgerError(FedllmError):
@@ -57,6 +75,26 @@ class LedgerError(FedllmError):
 def _canonical(record: dict[str, Any]) -> bytes:
     body = {k: v for k, v in record.items() if k != "sha256"}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def signed_body(record: dict[str, Any]) -> bytes:
+    """What a site's signature on a record covers: the record's canonical JSON without its
+    `sha256` and its signature (its seq and prev_sha256 included: its place in the chain)."""
+    body = {k: v for k, v in record.items() if k not in ("sha256", SITE_SIGNATURE)}
+    return (
+        _RECORD_CONTEXT
+        + json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    )
+
+
+def record_signer(key: Ed25519PrivateKey) -> Signer:
+    """A signer for `Ledger.append`: the key's id and its Ed25519 signature, in hex."""
+    key_id = public_key_id(public_pem(key))
+
+    def sign(body: bytes) -> dict[str, str]:
+        return {"key-id": key_id, "ed25519": key.sign(body).hex()}
+
+    return sign
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -78,6 +116,7 @@ class Ledger:
 
     path: Path
     key: AtRestKey | None = None
+    signer: Signer | None = None  # a site's (`record_signer`): every record it appends is signed
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         if not self.path.is_file():
@@ -156,6 +195,8 @@ class Ledger:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "prev_sha256": existing[-1]["sha256"] if existing else GENESIS,
         }
+        if self.signer is not None:
+            record[SITE_SIGNATURE] = self.signer(signed_body(record))
         record["sha256"] = record_hash(record)
         line = self._line(record)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -272,12 +313,12 @@ def user_dp_entry(
     sample_rate: float,
     clip_norm: float,
     clipping: str,
-    sampled_sites: list[int],
-    contributors: int,
     expected_sites: float,
     delta: float,
     epsilons: dict[str, float],
     sampling: str = "poisson (sites)",
+    sampled_sites: Any = None,
+    contributors: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """One round of user-level DP-FedAvg: one Poisson-sampled Gaussian step.
@@ -286,7 +327,15 @@ def user_dp_entry(
     covers both the update and the clipped-count query; with distributed noise under HE, the
     share of noise that actually reached the sum); `update_noise_multiplier` is the z_Δ
     applied to the sum of updates. `extra` records how the noise was made (e.g. by the sites).
+
+    The record holds what the accountant needs and what the mechanism releases or treats as
+    public (z, z_Δ, S, q, q·N, δ, ε), nothing about the sites: which sites were sampled and
+    how many contributed are not DP-protected (one site added or removed changes them), and
+    the accountant needs neither, so `sampled_sites` and `contributors` are accepted (callers
+    written before they were withheld still pass them) and not recorded. Records written
+    before may still carry them; every reader ignores them.
     """
+    del sampled_sites, contributors  # withheld: see the docstring
     return _spend_entry(
         run_id=run_id,
         server_round=server_round,
@@ -301,8 +350,6 @@ def user_dp_entry(
         update_noise_multiplier=float(update_noise_multiplier),
         clip_norm=float(clip_norm),
         clipping=clipping,
-        sampled_sites=[int(x) for x in sampled_sites],
-        contributors=int(contributors),
         expected_sites=float(expected_sites),
         **extra,
         delta=delta,

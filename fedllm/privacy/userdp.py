@@ -41,12 +41,15 @@ import numpy as np
 from fedllm.errors import ConfigError
 
 __all__ = [
+    "WITHHELD",
     "UserDPRound",
     "UserDPSettings",
     "adaptive_update_noise",
     "clip_update",
     "l2_norm",
+    "next_clip_norm",
     "noisy_mean_update",
+    "noisy_unclipped_fraction",
     "poisson_sample",
     "secure_rng",
     "update_clip_norm",
@@ -55,6 +58,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
+
+# What the coordinator knows each round and does not release: the sites' update norms, the
+# exact number of clipped updates, how many sites were sampled and how many contributed.
+# None of it is protected by the mechanism (one site added or removed changes each), so none
+# of it goes into state.json, summary.json, the ledger or the log; with adaptive clipping
+# only the noised count (`clipped_noisy`) is recorded. These are the keys of a round's
+# record written before they were withheld: a resumed run and the summary drop them.
+WITHHELD = ("update_norms", "clipped", "sampled", "contributors")
 
 
 def secure_rng() -> np.random.Generator:
@@ -145,7 +156,15 @@ def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float
 
 @dataclass(frozen=True)
 class UserDPRound:
-    """What one round of the mechanism did, for the ledger and the summary."""
+    """What one round of the mechanism did.
+
+    Released under DP, or public (the run's files may hold them): `mean_update`,
+    `clip_norm`, `next_clip_norm`, `update_noise_std` and, with adaptive clipping,
+    `noisy_clipped`. Exact, for this process only (never written anywhere, see
+    docs/privacy.md): `contributors` and `clipped` are counts over the sampled sites that
+    no noise protects, so one site added or removed moves them by 1. The sites' update
+    norms are not returned at all.
+    """
 
     mean_update: dict[str, np.ndarray]
     clip_norm: float
@@ -153,7 +172,11 @@ class UserDPRound:
     contributors: int
     clipped: int
     update_noise_std: float
-    norms: tuple[float, ...]
+    # The noisy count of clipped updates the clip norm moved on: q·N · (1 − b̄) with b̄ the
+    # noisy unclipped fraction (post-processing of the noised sum of centred bits, and a
+    # one-to-one function of `next_clip_norm` / `clip_norm`); None with fixed clipping,
+    # which releases no count.
+    noisy_clipped: float | None = None
 
 
 def l2_norm(arrays: Sequence[np.ndarray]) -> float:
@@ -186,6 +209,30 @@ def poisson_sample(
     return [c for c in candidates if rng.random() < sample_rate]
 
 
+def noisy_unclipped_fraction(
+    settings: UserDPSettings, unclipped: int, rng: np.random.Generator, *, contributors: int
+) -> float:
+    """b̄, the noisy fraction of updates at or below the clip norm (Andrew et al.).
+
+    Each of the `contributors` sites gives a bit b (1 if its update was at or below the norm)
+    and the sum of centred bits Σ (b − 1/2) = `unclipped` − `contributors`/2 is noised with
+    σ_b: adding or removing one site moves it by 1/2, the sensitivity the noise split of
+    `UserDPSettings` assumes (a raw count moves by 1). It is divided by the expected number
+    of sites q·N (fixed denominator again) and 1/2 added back, as TF-Privacy's quantile
+    estimator does; the expected, not the actual, number of sites is added back, since the
+    actual number is itself private. This is the value the mechanism releases.
+    """
+    centred = unclipped - contributors / 2 + rng.normal(0.0, settings.count_noise)
+    return centred / settings.expected_sites + 0.5
+
+
+def next_clip_norm(settings: UserDPSettings, clip_norm: float, noisy_fraction: float) -> float:
+    """Andrew et al.'s geometric step towards the target quantile: C · exp(−η (b̄ − γ))."""
+    return clip_norm * math.exp(
+        -settings.clip_learning_rate * (noisy_fraction - settings.target_quantile)
+    )
+
+
 def update_clip_norm(
     settings: UserDPSettings,
     clip_norm: float,
@@ -194,21 +241,10 @@ def update_clip_norm(
     *,
     contributors: int,
 ) -> float:
-    """Andrew et al.'s geometric step towards the target quantile, from a noisy count.
-
-    Each of the `contributors` sites gives a bit b (1 if its update was at or below the norm)
-    and the sum of centred bits Σ (b − 1/2) = `unclipped` − `contributors`/2 is noised with
-    σ_b: adding or removing one site moves it by 1/2, the sensitivity the noise split of
-    `UserDPSettings` assumes (a raw count moves by 1). It is divided by the expected number
-    of sites q·N (fixed denominator again) and 1/2 added back, as TF-Privacy's quantile
-    estimator does; the expected, not the actual, number of sites is added back, since the
-    actual number is itself private. Then C ← C · exp(−η (b̄ − γ)).
-    """
-    centred = unclipped - contributors / 2 + rng.normal(0.0, settings.count_noise)
-    noisy_fraction = centred / settings.expected_sites + 0.5
-    return clip_norm * math.exp(
-        -settings.clip_learning_rate * (noisy_fraction - settings.target_quantile)
-    )
+    """The next clip norm from a noisy count: `next_clip_norm` of
+    `noisy_unclipped_fraction` (see both)."""
+    fraction = noisy_unclipped_fraction(settings, unclipped, rng, contributors=contributors)
+    return next_clip_norm(settings, clip_norm, fraction)
 
 
 def noisy_mean_update(
@@ -227,10 +263,9 @@ def noisy_mean_update(
     clip norm that join the sum unclipped and uncounted (an auditing run's canary clients).
     """
     total = {n: np.zeros(shape, dtype=np.float64) for n, shape in shapes.items()}
-    norms, unclipped = [], 0
+    unclipped = 0
     for update in updates:
-        clipped, norm = clip_update(update, clip_norm)
-        norms.append(norm)
+        clipped, norm = clip_update(update, clip_norm)  # the norm stays in this loop
         unclipped += int(norm <= clip_norm)
         for n in total:
             total[n] += clipped[n]
@@ -241,11 +276,11 @@ def noisy_mean_update(
         n: ((t + rng.normal(0.0, std, size=t.shape)) / settings.expected_sites).astype(np.float32)
         for n, t in total.items()
     }
-    next_clip = (
-        update_clip_norm(settings, clip_norm, unclipped, rng, contributors=len(updates))
-        if settings.adaptive
-        else clip_norm
-    )
+    next_clip, noisy_clipped = clip_norm, None
+    if settings.adaptive:
+        fraction = noisy_unclipped_fraction(settings, unclipped, rng, contributors=len(updates))
+        next_clip = next_clip_norm(settings, clip_norm, fraction)
+        noisy_clipped = settings.expected_sites * (1.0 - fraction)
     return UserDPRound(
         mean_update=mean,
         clip_norm=clip_norm,
@@ -253,5 +288,5 @@ def noisy_mean_update(
         contributors=len(updates),
         clipped=len(updates) - unclipped,
         update_noise_std=std / settings.expected_sites,
-        norms=tuple(norms),
+        noisy_clipped=noisy_clipped,
     )

@@ -88,6 +88,20 @@ class SecurityConfig:
         default="keys/pki/registry.json",
         metadata=field_help("the coordinator's registry of site signing keys (`fedllm pki init`)"),
     )
+    coordinator_key: str = field(
+        default="keys/pki/superlink/coordinator.key",
+        metadata=field_help(
+            "the coordinator's Ed25519 key (`fedllm pki init`): signs the registry, every "
+            "instruction and the run's manifest"
+        ),
+    )
+    coordinator_public_key: str = field(
+        default="keys/pki/coordinator.pub",
+        metadata=field_help(
+            "the coordinator's public key a simulated site checks instructions with; a "
+            "deployed site names its own copy in its node config (`coordinator-key`)"
+        ),
+    )
     site_signing_key: str = field(
         default="keys/pki/sites/site-{partition}/signing.key",
         metadata=field_help(

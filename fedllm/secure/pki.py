@@ -1,18 +1,20 @@
-"""The federation's keys and certificates, made with `cryptography`.
+"""The federation's certificates and the coordinator's keys, made with `cryptography`.
 
-One ceremony (`fedllm pki init`) makes everything a multi-site deployment needs:
+`fedllm pki init` makes what the coordinator holds:
 
 - a CA (ECDSA P-384) that signs the SuperLink's TLS certificate, with a SAN for every host
   name or IP address the sites will dial;
-- per site, the node-authentication key pair Flower's `--enable-supernode-auth` expects
-  (ECDSA P-384 in OpenSSH format: `flwr supernode register <site>/node-auth.pub`,
-  `flower-supernode --auth-supernode-private-key <site>/node-auth.key`);
-- per site, an Ed25519 key that signs every update it sends (`fedllm.secure.sign`), and a
-  registry (`registry.json`) of the public halves the coordinator checks them against.
+- the coordinator's Ed25519 signing key (`superlink/coordinator.key`), which signs the
+  registry and every instruction it sends; its public half (`coordinator.pub`) goes to
+  every site and auditor;
+- the registry (`registry.json`) of the sites' public keys, signed by that key; sites are
+  added with `fedllm pki enrol FILE` from the enrolment file each site makes with
+  `fedllm site init` (`fedllm.secure.site_keys`), so no site's private key is ever here.
 
-Private keys are written 0600 and never overwritten without `force`. Written by hand because
-Flower ships no certificate tooling (its docs use an OpenSSL shell script); the primitives
-are `cryptography`'s.
+`pki init --sites` also makes every site's keys in one place and enrols them: a demo for
+one machine, where whoever ran it could sign as any site. Private keys are written 0600 and
+never overwritten without `force`. Written by hand because Flower ships no certificate
+tooling (its docs use an OpenSSL shell script); the primitives are `cryptography`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedllm.errors import KeyFileError
 from fedllm.secure.keyfiles import check_private, write_new
+from fedllm.secure.registry import (
+    check_site_name,
+    enrol,
+    new_registry,
+    signed_registry_bytes,
+)
+from fedllm.secure.site_keys import SiteKeys, init_site, pem_private, signing_pair
 
 __all__ = [
     "PkiLayout",
@@ -41,21 +49,18 @@ __all__ = [
     "describe",
     "init_pki",
     "load_ca",
-    "load_registry",
     "load_signing_key",
     "parse_sites",
 ]
-
-REGISTRY_VERSION = 1
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
 class PkiLayout:
     """Where each file of a ceremony lives under its root (default `keys/pki`).
 
-    `superlink/` goes to the coordinator; `sites/<name>/` (with `ca.pem`) to that site
-    only; `ca.key` stays offline with whoever runs the ceremony.
+    `superlink/` goes to the coordinator; `ca.pem` and `coordinator.pub` to every site;
+    `ca.key` stays offline with whoever runs the ceremony. `sites/<name>/` exists only in
+    the one-machine demo (`--sites`): a real site makes its own folder (`fedllm site init`).
     """
 
     root: Path
@@ -75,6 +80,14 @@ class PkiLayout:
     @property
     def server_key(self) -> Path:
         return self.root / "superlink" / "server.key"
+
+    @property
+    def coordinator_key(self) -> Path:
+        return self.root / "superlink" / "coordinator.key"
+
+    @property
+    def coordinator_pub(self) -> Path:
+        return self.root / "coordinator.pub"
 
     @property
     def registry(self) -> Path:
@@ -107,12 +120,10 @@ def parse_sites(spec: str) -> list[str]:
             raise KeyFileError("--sites must name at least one site.")
         return [f"site-{k}" for k in range(int(spec))]
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if not _SITE_NAME.match(n)]
-    if not names or bad:
-        raise KeyFileError(
-            f"--sites {spec!r}: give a count or comma-separated names of letters, digits, "
-            f"'.', '_' or '-'{f' (not {bad[0]!r})' if bad else ''}."
-        )
+    if not names:
+        raise KeyFileError(f"--sites {spec!r}: give a count or comma-separated names.")
+    for name in names:
+        check_site_name(name, where=f"--sites {spec!r}")
     if len(set(names)) != len(names):
         raise KeyFileError(f"--sites {spec!r} names a site twice.")
     return names
@@ -128,14 +139,6 @@ def _name(common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedllm federation"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
-    )
-
-
-def _pem_private(key: Any) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
     )
 
 
@@ -208,42 +211,17 @@ def make_server_cert(
     return key, cert
 
 
-def _node_auth_pair() -> tuple[bytes, bytes]:
-    """OpenSSH-format P-384 pair, the format `flower-supernode` and `flwr supernode
-    register` load."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public + b"\n"
-
-
-def _signing_pair() -> tuple[bytes, bytes]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return _pem_private(key), public
-
-
-def public_key_id(public_pem: bytes) -> str:
-    """SHA-256 of the DER public key: what logs and summaries name a signing key by."""
-    key = serialization.load_pem_public_key(public_pem)
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
 def init_pki(
-    root: Path, *, hosts: list[str], sites: list[str], days: int = 365, force: bool = False
+    root: Path,
+    *,
+    hosts: list[str],
+    sites: list[str] | tuple[str, ...] = (),
+    days: int = 365,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Make the CA, the SuperLink's certificate, and every site's two key pairs.
+    """Make the CA, the SuperLink's certificate, the coordinator's signing key and its
+    signed registry; with `sites` (a one-machine demo) also make every site's keys under
+    `sites/<name>/` and enrol them. Returns the registry.
 
     Nothing is written if any target exists and `force` is false, so a half-made ceremony
     never mixes with an old one.
@@ -256,50 +234,41 @@ def init_pki(
         layout.ca_key,
         layout.server_cert,
         layout.server_key,
+        layout.coordinator_key,
+        layout.coordinator_pub,
         layout.registry,
     ]
     for site in sites:
-        targets += [
-            layout.node_auth_key(site),
-            layout.node_auth_pub(site),
-            layout.signing_key(site),
-            layout.signing_pub(site),
-            layout.site_ca(site),
-        ]
+        keys = SiteKeys(layout.site_dir(site))
+        targets += [keys.node_auth_key, keys.signing_key, keys.enrolment]
     existing = [p for p in targets if p.exists()]
     if existing and not force:
         raise KeyFileError(f"{existing[0]} exists; refusing to overwrite keys (use --force).")
     ca_key, ca_cert = make_ca(days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, days)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    write_new(layout.ca_key, _pem_private(ca_key), 0o600, force=force)
+    write_new(layout.ca_key, pem_private(ca_key), 0o600, force=force)
     write_new(layout.ca_cert, ca_pem, 0o644, force=force)
-    write_new(layout.server_key, _pem_private(server_key), 0o600, force=force)
+    write_new(layout.server_key, pem_private(server_key), 0o600, force=force)
     write_new(
         layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644, force=force
     )
-    registry: dict[str, Any] = {
-        "version": REGISTRY_VERSION,
-        "created": _now().strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "ca_sha256": hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
-        "sites": {},
-    }
+    coordinator, coordinator_private, coordinator_public = signing_pair()
+    write_new(layout.coordinator_key, coordinator_private, 0o600, force=force)
+    write_new(layout.coordinator_pub, coordinator_public, 0o644, force=force)
+    ca_sha256 = hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    registry = new_registry(coordinator, ca_sha256)
+    write_new(layout.registry, signed_registry_bytes(registry), 0o644, force=force)
     for partition, site in enumerate(sites):
-        node_private, node_public = _node_auth_pair()
-        sign_private, sign_public = _signing_pair()
-        write_new(layout.node_auth_key(site), node_private, 0o600, force=force)
-        write_new(layout.node_auth_pub(site), node_public, 0o644, force=force)
-        write_new(layout.signing_key(site), sign_private, 0o600, force=force)
-        write_new(layout.signing_pub(site), sign_public, 0o644, force=force)
-        write_new(layout.site_ca(site), ca_pem, 0o644, force=force)
-        registry["sites"][site] = {
-            "partition-id": partition,
-            "signing-public-key": sign_public.decode(),
-            "signing-key-id": public_key_id(sign_public),
-            "node-auth-public-key": node_public.decode().strip(),
-        }
-    write_new(layout.registry, json.dumps(registry, indent=2).encode(), 0o644, force=force)
-    return registry
+        enrolment = init_site(
+            layout.site_dir(site),
+            site,
+            ca=layout.ca_cert,
+            coordinator_key=layout.coordinator_pub,
+            force=force,
+        )
+        enrol(layout.registry, enrolment, coordinator, partition_id=partition)
+    return json.loads(layout.registry.read_text())
 
 
 # -- loading and checking -------------------------------------------------------------------
@@ -385,9 +354,12 @@ def _san_names(cert: x509.Certificate) -> list[str]:
     return [str(n.value) for n in san]
 
 
-def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    """A site's Ed25519 signing key; refused if others can read it or it is another kind."""
-    data = check_private(Path(path), "a site's update-signing key")
+def load_signing_key(
+    path: Path, what: str = "a site's update-signing key"
+) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 signing key (a site's, or the coordinator's); refused if others can read
+    it or it is another kind."""
+    data = check_private(Path(path), what)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -395,43 +367,6 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise KeyFileError(f"{path} is a {type(key).__name__}, not an Ed25519 signing key.")
     return key
-
-
-@dataclass(frozen=True)
-class RegisteredSite:
-    name: str
-    partition_id: int
-    public_key: ed25519.Ed25519PublicKey
-    key_id: str
-
-
-def load_registry(path: Path) -> dict[int, RegisteredSite]:
-    """The coordinator's registry of site signing keys, by partition id."""
-    path = Path(path)
-    if not path.is_file():
-        raise KeyFileError(
-            f"no signing-key registry at {path} (security.registry); make one with "
-            "`fedllm pki init`."
-        )
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("version") != REGISTRY_VERSION:
-            raise ValueError(f"version {raw.get('version')!r}, expected {REGISTRY_VERSION}")
-        sites: dict[int, RegisteredSite] = {}
-        for name, entry in raw["sites"].items():
-            pem = entry["signing-public-key"].encode()
-            key = serialization.load_pem_public_key(pem)
-            if not isinstance(key, ed25519.Ed25519PublicKey):
-                raise ValueError(f"site {name!r}: not an Ed25519 public key")
-            pid = int(entry["partition-id"])
-            if pid in sites:
-                raise ValueError(f"partition-id {pid} given to two sites")
-            sites[pid] = RegisteredSite(name, pid, key, public_key_id(pem))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise KeyFileError(f"{path} is not a valid fedllm signing-key registry: {e}.") from e
-    if not sites:
-        raise KeyFileError(f"{path} registers no sites.")
-    return sites
 
 
 def describe(root: Path, *, now: dt.datetime | None = None) -> list[dict[str, Any]]:
@@ -444,9 +379,8 @@ def describe(root: Path, *, now: dt.datetime | None = None) -> list[dict[str, An
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         mode = path.stat().st_mode & 0o777
         row: dict[str, Any] = {"file": str(path.relative_to(root)), "mode": f"{mode:o}"}
-        data = path.read_bytes()
-        if path.suffix == ".pem":
-            cert = x509.load_pem_x509_certificate(data)
+        if path.suffix == ".pem":  # a private key is never read: its mode says enough
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
             left = cert.not_valid_after_utc - now
             row.update(
                 kind="certificate",
@@ -457,12 +391,16 @@ def describe(root: Path, *, now: dt.datetime | None = None) -> list[dict[str, An
                 status="EXPIRED" if left.total_seconds() < 0 else "ok",
             )
         elif path.name == "registry.json":
-            row.update(kind="registry", sites=sorted(json.loads(data)["sites"]), status="ok")
+            sites = sorted(json.loads(path.read_bytes())["sites"])
+            row.update(kind="registry (signed by the coordinator)", sites=sites, status="ok")
+        elif path.name == "enrolment.json":
+            row.update(kind="a site's enrolment (public)", status="ok")
         else:
             secret = path.suffix == ".key"
             kind = {
                 "node-auth": "node-auth key (P-384, OpenSSH)",
                 "signing": "update-signing key (Ed25519)",
+                "coordinator": "coordinator signing key (Ed25519)",
                 "server": "SuperLink TLS key",
                 "ca": "CA key (keep offline)",
             }.get(path.stem, "key")

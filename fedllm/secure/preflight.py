@@ -22,9 +22,9 @@ from fedllm.secure.pki import (
     check_certificate,
     check_dates,
     load_ca,
-    load_registry,
     load_signing_key,
 )
+from fedllm.secure.registry import load_public_key, load_registry
 
 __all__ = ["Checked", "check_site", "check_superlink", "parse_address", "probe_tls"]
 
@@ -113,6 +113,9 @@ def check_site(
     if sign_updates:
         load_signing_key(site_dir / "signing.key")
         done.ok(f"signing key {site_dir / 'signing.key'}: Ed25519, mode 600")
+        coordinator = site_dir / "coordinator.pub"
+        load_public_key(coordinator)
+        done.ok(f"coordinator's key {coordinator}: Ed25519 (instructions are checked against it)")
     if superlink is not None:
         version = probe_tls(superlink, ca, timeout=timeout)
         done.ok(f"SuperLink {superlink}: answers, {version}, certificate issued by this CA")
@@ -141,6 +144,10 @@ def check_superlink(root: Path, hosts: list[str] | None = None) -> Checked:
             "the same `fedllm pki init`."
         )
     done.ok(f"TLS key {layout.server_key}: matches the certificate, mode 600")
-    sites = load_registry(layout.registry)
-    done.ok(f"registry {layout.registry}: {len(sites)} sites")
+    coordinator = load_signing_key(layout.coordinator_key, "the coordinator's signing key")
+    done.ok(f"coordinator's signing key {layout.coordinator_key}: Ed25519, mode 600")
+    registry = load_registry(layout.registry, coordinator.public_key())
+    done.ok(
+        f"registry {layout.registry}: {len(registry.sites)} sites, signed by the coordinator's key"
+    )
     return done

@@ -29,17 +29,21 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from fedllm.errors import InvalidUpdateError
-from fedllm.secure.pki import RegisteredSite
+from fedllm.secure.registry import RegisteredSite
 
 __all__ = [
+    "INSTRUCTION_RECORD",
     "SIGNATURE_RECORD",
     "Claim",
     "check_signature",
+    "canonical_json",
     "content_digest",
     "statement",
 ]
 
 SIGNATURE_RECORD = "signature"
+INSTRUCTION_RECORD = "instruction"  # the coordinator's signature on what it sends
+_UNSIGNED = (SIGNATURE_RECORD, INSTRUCTION_RECORD)  # the records a content digest leaves out
 _CONTEXT = b"fedllm update signature v1"
 
 
@@ -50,7 +54,7 @@ def _frame(h: Any, *parts: bytes) -> None:
         h.update(part)
 
 
-def _canonical(value: Any) -> bytes:
+def canonical_json(value: Any) -> bytes:
     """Metric/config values as exact, typed JSON (bytes as hex; floats by repr)."""
 
     def enc(v: Any) -> Any:
@@ -72,7 +76,7 @@ def _canonical(value: Any) -> bytes:
 
 
 def content_digest(content: Any) -> str:
-    """SHA-256 over every record of a reply except its signature: tensors (names, dtype,
+    """SHA-256 over every record of a message except its signatures: tensors (names, dtype,
     shape, bytes), metrics and configs, in a canonical order. `content` is a Flower
     `RecordDict`, read only through its attributes, so this module needs no Flower import."""
     h = hashlib.sha256()
@@ -83,11 +87,11 @@ def content_digest(content: Any) -> str:
             _frame(h, key.encode(), arr.dtype.encode(), shape, arr.stype.encode(), arr.data)
     for kind, records in (("metrics", content.metric_records), ("configs", content.config_records)):
         for name in sorted(records):
-            if kind == "configs" and name == SIGNATURE_RECORD:
+            if kind == "configs" and name in _UNSIGNED:
                 continue
             _frame(h, kind.encode(), name.encode())
             for key, value in sorted(records[name].items()):
-                _frame(h, key.encode(), _canonical(value))
+                _frame(h, key.encode(), canonical_json(value))
     return h.hexdigest()
 
 

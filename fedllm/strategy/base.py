@@ -79,6 +79,13 @@ class RunContext:
     # Facts a stage publishes for stages further in during the current round (for example
     # the noise multiplier distributed DP accounted); the loop clears them every round.
     notes: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the run config as `flwr run` submitted it (what the sites were given too):
+    # signed into every instruction, so a site can tell it was not changed on the way.
+    config_sha256: str = ""
+    # The coordinator's Ed25519 key and the digest of its verified registry, once the
+    # signatures stage has loaded them (`security.sign-updates`); the manifest signs with it.
+    coordinator_key: Any = None
+    registry_sha256: str = ""
 
     @property
     def expected(self) -> dict[str, tuple[int, ...]]:

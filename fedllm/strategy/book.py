@@ -5,6 +5,14 @@ evaluation figures of accepted replies, rejected replies, refusals, sites that d
 answer, bytes on the wire, and which Flower node each site answered from. It is plain data
 in `state.json` (the keys below, unchanged since before the stages existed, so older run
 directories resume), and `fedllm.summary` turns it into the run's core summary.
+
+Under user-level DP without record-level DP (`privacy.mode = "user"`) the book keeps
+participation to itself: which sites were sampled and answered each round is not protected
+by the mechanism (one site added or removed changes it), so `withhold_participation()`
+leaves the per-round training figures, the training-phase rejections and failures, the
+refusals and the per-round bytes (an exact count of the messages) out of `state_dict()`,
+and so out of `state.json` and `summary.json`. The in-memory record is unchanged: the
+stages still read the round in progress.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ from fedllm.wire import reply_site
 __all__ = ["RunBook"]
 
 KEYS = ("evals", "trains", "failures", "rejected", "refused", "bytes", "node_sites")
+# What names or counts the sites that trained in a round: kept out of state.json once
+# participation is withheld (see the module docstring). `refused` has no phase (a training
+# refusal and an evaluation refusal look alike), so all of it goes.
+_PARTICIPATION = ("trains", "refused", "bytes")
+_BY_PHASE = ("rejected", "failures")
 
 
 class RunBook:
@@ -29,10 +42,22 @@ class RunBook:
 
     def __init__(self, state: dict[str, Any] | None = None) -> None:
         self.data: dict[str, Any] = {}
+        self.participation_withheld = False
         self.load_state_dict(state or {})
 
+    def withhold_participation(self) -> None:
+        """Keep who trained in which round out of `state_dict()` (user-level DP; the
+        user-level stage calls this)."""
+        self.participation_withheld = True
+
     def state_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.data)
+        if not self.participation_withheld:
+            return copy.deepcopy(self.data)
+        out = {k: copy.deepcopy(v) for k, v in self.data.items() if k not in _PARTICIPATION}
+        for k in _BY_PHASE:
+            if k in out:
+                out[k] = [e for e in out[k] if e.get("phase", "train") != "train"]
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data = {k: copy.deepcopy(state[k]) for k in KEYS if k in state}
@@ -45,7 +70,15 @@ class RunBook:
     def reject(self, server_round: int, reply: Message, phase: str, error: Exception) -> None:
         """A reply refused by a check, named by the site it claims to be (even when its
         signature failed) and its node."""
-        log(WARNING, "fedllm: rejected %s reply: %s", phase, error)
+        log(
+            WARNING,
+            "fedllm: rejected %s reply: %s%s",
+            phase,
+            error,
+            " (operator's log only: not in the run's files under user-level DP)"
+            if self.participation_withheld and phase == "train"
+            else "",
+        )
         try:
             site: int | None = reply_site(reply.content)
         except (InvalidUpdateError, KeyError, ValueError, TypeError):

@@ -65,7 +65,13 @@ class FederatedRun:
     """
 
     def __init__(
-        self, grid: Grid | None, cfg: FedllmConfig, run: RunDir | None, spec: AdapterSpec
+        self,
+        grid: Grid | None,
+        cfg: FedllmConfig,
+        run: RunDir | None,
+        spec: AdapterSpec,
+        *,
+        config_sha256: str = "",
     ) -> None:
         state = run.state if run else {"rounds_completed": 0}
         self.cfg, self.spec = cfg, spec
@@ -77,6 +83,7 @@ class FederatedRun:
             grid=grid,
             run=run,
             arrays={n: self.full[n] for n in spec.sent},
+            config_sha256=config_sha256,
         )
         self.state: dict[str, Any] = {k: state[k] for k in LOOP_KEYS if k in state}
         self.pipeline = Pipeline(self.ctx)
@@ -106,6 +113,7 @@ class FederatedRun:
         run = self.ctx.run
         if run is None:
             return None
+        run.state = self.state_dict()  # what the stages' files (the manifest) describe
         for stage in self.pipeline.active:
             stage.write_files(run)
         run.state = self.state_dict()

@@ -17,6 +17,7 @@ from fedllm.strategy.base import RoundDiscarded, RunContext, Stage
 from fedllm.strategy.distributed_dp import DistributedDP
 from fedllm.strategy.flower import build_inner
 from fedllm.strategy.he_sum import HESum
+from fedllm.strategy.manifest import Manifest
 from fedllm.strategy.safety_gate import SafetyGate
 from fedllm.strategy.signatures import Signatures
 from fedllm.strategy.spends import Spends
@@ -33,6 +34,7 @@ STAGES: list[type[Stage]] = [
     HESum,
     UserDP,
     SafetyGate,
+    Manifest,
 ]
 
 

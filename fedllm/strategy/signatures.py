@@ -1,6 +1,8 @@
-"""Signatures: every reply is checked against its site's registered Ed25519 key before
-anything in it is used (`security.sign-updates`); the `security` section of the summary
-(which sites' signatures verified each round, and the at-rest key id) is this stage's."""
+"""Signatures, both ways (`security.sign-updates`): every message the coordinator sends is
+signed with its key (an instruction record the sites check before acting), and every reply
+is checked against its site's registered Ed25519 key before anything in it is used. The
+`security` section of the summary (which sites' signatures verified each round, and the
+at-rest key id) is this stage's."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
 from fedllm.errors import InvalidUpdateError
-from fedllm.secure.pki import RegisteredSite, load_registry
+from fedllm.secure.instruction import Instruction
+from fedllm.secure.pki import load_signing_key
+from fedllm.secure.registry import RegisteredSite, Registry, load_registry
 from fedllm.secure.sign import Claim
 from fedllm.strategy.base import RunContext, Stage
-from fedllm.wire import reply_site, verify_reply
+from fedllm.wire import content_digest, reply_site, sign_instruction, verify_reply
 
 __all__ = ["Signatures"]
 
@@ -33,10 +38,21 @@ class Signatures(Stage):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         sec = self.cfg.security
-        # Loaded now, so a missing or bad registry stops the run before anything happens.
-        self.registry: dict[int, RegisteredSite] | None = (
-            load_registry(Path(sec.registry)) if sec.sign_updates else None
+        # Loaded now, so a missing key or a bad registry stops the run before anything
+        # happens; the registry must verify under the coordinator's own key.
+        self.key = (
+            load_signing_key(Path(sec.coordinator_key), "the coordinator's signing key")
+            if sec.sign_updates
+            else None
         )
+        self.signed_registry: Registry | None = (
+            load_registry(Path(sec.registry), self.key.public_key()) if self.key else None
+        )
+        self.registry: dict[int, RegisteredSite] | None = (
+            self.signed_registry.sites if self.signed_registry else None
+        )
+        ctx.coordinator_key = self.key
+        ctx.registry_sha256 = self.signed_registry.sha256 if self.signed_registry else ""
 
     def begin(self) -> None:
         sec, key = self.cfg.security, self.ctx.at_rest
@@ -45,6 +61,10 @@ class Signatures(Stage):
             "at_rest": {"cipher": "AES-256-GCM", "key_id": key.id} if key else None,
             "sign_updates": sec.sign_updates,
             "registry": sec.registry if self.registry else None,
+            "registry_sha256": self.signed_registry.sha256 if self.signed_registry else None,
+            "coordinator_key_id": (
+                self.signed_registry.coordinator_key_id if self.signed_registry else None
+            ),
             "site_keys": {
                 str(k): {"name": r.name, "key_id": r.key_id}
                 for k, r in sorted((self.registry or {}).items())
@@ -65,7 +85,7 @@ class Signatures(Stage):
             if registered is None:
                 raise InvalidUpdateError(
                     f"{sender}: no signing key for partition {site} in "
-                    f"{self.cfg.security.registry}; register the site with `fedllm pki init`."
+                    f"{self.cfg.security.registry}; enrol the site with `fedllm pki enrol`."
                 )
             claim = Claim(self.ctx.run_id, server_round, node, phase)
             t0 = time.perf_counter()
@@ -90,6 +110,39 @@ class Signatures(Stage):
                 continue
             out.append(reply)
         return out
+
+    def _signed(self, server_round: int, messages: Iterable[Message], phase: str) -> list[Message]:
+        """Every outgoing message with the coordinator's instruction record, signed last."""
+        out = list(messages)
+        if self.key is None or self.signed_registry is None:
+            return out
+        registry = self.signed_registry
+        digests: dict[int, str] = {}  # the messages share one content: hash it once
+        for msg in out:
+            digest = digests.setdefault(id(msg.content), content_digest(msg.content))
+            ins = Instruction(
+                run_id=self.ctx.run_id,
+                server_round=server_round,
+                node_id=msg.metadata.dst_node_id,
+                phase=phase,
+                config_sha256=self.ctx.config_sha256,
+                registry_sha256=registry.sha256,
+                content_sha256=digest,
+            )
+            msg.content = sign_instruction(msg.content, self.key, ins, registry.raw)
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        return self._signed(server_round, messages, "train")
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._signed(server_round, messages, "evaluate")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

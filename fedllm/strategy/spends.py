@@ -1,6 +1,9 @@
 """Spends: a site's refusal is recorded and its reply left out; every record-level DP-SGD
 spend a site reports goes into the run ledger, whether or not its update is then accepted
-(the site trained, so the privacy was spent), after any earlier spend the ledger lacks."""
+(the site trained, so the privacy was spent), after any earlier spend the ledger lacks.
+A spend arrives with the site's own signed ledger record of it, which the run's record
+holds as `site_record` (checked to state the same spend), so an auditor can check the run
+ledger against the sites' keys without the sites' own ledgers."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from flwr.common.logger import log
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.backfill import missing_spends
-from fedllm.privacy.ledger import dp_sgd_entry
+from fedllm.privacy.ledger import SITE_RECORD, dp_sgd_entry
+from fedllm.privacy.signed_ledgers import check_same_spend
 from fedllm.strategy.base import Stage
-from fedllm.wire import METRICS, refusal_reason, reply_site, spend_metrics
+from fedllm.wire import METRICS, refusal_reason, reply_site, site_spend_record, spend_metrics
 
 __all__ = ["Spends"]
 
@@ -33,6 +37,10 @@ class Spends(Stage):
             return
         run_id = self.cfg.run.name
         entry = dp_sgd_entry(run_id=run_id, server_round=server_round, **spend)
+        site_record = site_spend_record(reply.content, sender=sender)
+        if site_record is not None:
+            check_same_spend(site_record, entry, sender=sender)
+            entry[SITE_RECORD] = site_record
         ledger = self.ctx.ledger()
         for missing in missing_spends(
             ledger.records(), metrics, run_id=run_id, site=spend["site"], before_round=server_round

@@ -20,10 +20,16 @@ from fedllm.privacy.accounting import MECHANISMS, History, epsilon_report
 from fedllm.privacy.audit.directions import CanaryDirections
 from fedllm.privacy.budget import check_budget
 from fedllm.privacy.ledger import USER_GAUSSIAN, user_dp_entry
-from fedllm.privacy.userdp import UserDPSettings, noisy_mean_update, poisson_sample, secure_rng
+from fedllm.privacy.userdp import (
+    WITHHELD,
+    UserDPSettings,
+    noisy_mean_update,
+    poisson_sample,
+    secure_rng,
+)
 from fedllm.rundir import RunDir, write_json_atomic
 from fedllm.strategy.base import RunContext, RunStopped, Stage
-from fedllm.summary import user_level_section
+from fedllm.summary import participation_withheld, user_level_section
 from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record, record_to_arrays
 
 __all__ = ["UserDP", "user_budget", "user_history"]
@@ -84,6 +90,18 @@ class UserDP(Stage):
         self.rng = secure_rng()
         self.settings: UserDPSettings | None = None
         self.report: dict[str, Any] = {}
+        self.sampled: list[int] = []  # this round's, in memory only (never recorded)
+        if participation_withheld(self.cfg):
+            ctx.book.withhold_participation()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As the base class does; a round recorded before `WITHHELD` was withheld loses
+        those keys, so a resumed run's state.json no longer carries them."""
+        super().load_state_dict(state)
+        for r in self.state.get("user_dp", {}).get("rounds", []):
+            if isinstance(r, dict):
+                for key in WITHHELD:
+                    r.pop(key, None)
 
     def begin(self) -> None:
         """The mechanism; an auditing run's inserted canary clients count in the population
@@ -127,11 +145,11 @@ class UserDP(Stage):
         self.sampled = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id in keep]
         log(
             INFO,
-            "fedllm: [round %d] user-level DP: %d of %d sites sampled (q=%g)",
+            "fedllm: [round %d] user-level DP: sites Poisson-sampled at q=%g (%g expected); "
+            "which and how many are not released",
             server_round,
-            len(self.sampled),
-            self.ctx.num_sites,
             self.settings.sample_rate,
+            self.settings.expected_sites,
         )
         return [m for m in messages if m.metadata.dst_node_id in keep]
 
@@ -160,9 +178,11 @@ class UserDP(Stage):
         out = noisy_mean_update(
             deltas, self.ctx.expected, self.settings, clip, self.rng, extra_sum=extra
         )
-        sites = sorted(int(r.content[METRICS]["site"]) for r in replies)
         report = self.report
         if self.cfg.privacy.user_level:
+            # The accountant needs z, q and δ; neither which sites were sampled nor how many
+            # contributed is recorded (see WITHHELD): under Poisson sampling the count is not
+            # protected, and the fixed denominator q·N (public) replaces it in the mechanism.
             entry = user_dp_entry(
                 run_id=self.cfg.run.name,
                 server_round=server_round,
@@ -171,8 +191,6 @@ class UserDP(Stage):
                 sample_rate=self.settings.sample_rate,
                 clip_norm=clip,
                 clipping=self.cfg.privacy.user_clipping,
-                sampled_sites=sites,
-                contributors=out.contributors,
                 expected_sites=self.settings.expected_sites,
                 delta=self.cfg.privacy.user_delta,
                 epsilons={m: float(report[m]) for m in MECHANISMS},
@@ -180,32 +198,29 @@ class UserDP(Stage):
             # Durable before the noisy aggregate exists anywhere but in this process.
             self.ctx.ledger().append(entry)
         user["clip_norm"] = out.next_clip_norm
-        user.setdefault("rounds", []).append(
-            {
-                "round": server_round,
-                "sampled": len(self.sampled),
-                "contributors": out.contributors,
-                "canary_clients": len(canaries),
-                "clipped": out.clipped,
-                "clip_norm": clip,
-                "update_norms": [round(x, 6) for x in out.norms],
-                "noise_std": out.update_noise_std,
-                "epsilon": float(report["epsilon"]) if report else None,
-                "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS}
-                if report
-                else {},
-            }
-        )
+        released = {
+            "round": server_round,
+            "canary_clients": len(canaries),  # virtual sites of an audit, not real ones
+            "clip_norm": clip,
+            "noise_std": out.update_noise_std,
+            "epsilon": float(report["epsilon"]) if report else None,
+            "epsilon_by_accountant": {m: float(report[m]) for m in MECHANISMS} if report else {},
+        }
+        if out.noisy_clipped is not None:  # adaptive clipping: the released (noised) count
+            released["clipped_noisy"] = out.noisy_clipped
+        user.setdefault("rounds", []).append(released)
         log(
             INFO,
-            "fedllm: [round %d] clipped mean of %d site updates (+%d canary clients) at norm "
-            "%.4g (%d were larger), noise std %.4g per coordinate, user-level epsilon %s",
+            "fedllm: [round %d] %s at clip norm %.4g, noise std %.4g per coordinate%s%s, "
+            "user-level epsilon %s",
             server_round,
-            out.contributors,
-            len(canaries),
+            "noisy mean released" if report else "clipped mean",
             clip,
-            out.clipped,
             out.update_noise_std,
+            f", noisy clipped count {out.noisy_clipped:.2f}"
+            if out.noisy_clipped is not None
+            else "",
+            f", {len(canaries)} canary clients" if self.canary_clients is not None else "",
             f"{float(report['epsilon']):.4f} (delta {self.cfg.privacy.user_delta:g})"
             if report
             else "none (non-DP auditing baseline)",

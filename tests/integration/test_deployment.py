@@ -43,6 +43,7 @@ def _job(fed: LoopbackFederation, tiny: Path, name: str, **extra: Any) -> dict[s
         "eval.max-examples": 8,
         "security.sign-updates": True,
         "security.registry": str(fed.pki / "registry.json"),
+        "security.coordinator-key": str(fed.pki / "superlink" / "coordinator.key"),
         **extra,
     }
 

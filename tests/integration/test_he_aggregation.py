@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +22,13 @@ from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger
 from fedllm.privacy.verify import verify_records
 from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT, write_key_files
 from fedllm.secure.he_params import HEParams
+from tests.opened import opened_files
 
 pytestmark = pytest.mark.slow
 
 SITES, FOREIGN_SITE, SIGMA, CLIP = 3, 2, 2.0, 0.05
 # SIGMA keeps the user-level ε moderate: Opacus' PRV accountant slows down sharply at q = 1
 # with ε above ~20 (its discretisation domain grows with ε).
-_OPENED: list[str] = []
-_WATCH = {"on": False}
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _WATCH["on"] and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
-        _OPENED.append(os.fsdecode(args[0]))
 
 
 def _client_app(overrides: dict[str, Any], foreign: str, dump: str) -> Any:
@@ -106,16 +98,12 @@ def he_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "data.max-length": 256,
         "eval.max-examples": 8,
     }
-    sys.addaudithook(_audit)
-    _WATCH["on"] = True
-    try:
+    with opened_files() as opened:
         simulate(
             overrides,
             sites=SITES,
             client_app=_client_app(overrides, str(foreign / SECRET_CONTEXT), str(dump)),
         )
-    finally:
-        _WATCH["on"] = False
     run_dir = root / "runs" / "tiny-he"
     return {
         "dir": run_dir,
@@ -123,7 +111,7 @@ def he_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "client": (str(foreign / SECRET_CONTEXT), str(dump)),
         "keys": keys,
         "dump": dump,
-        "opened": list(_OPENED),
+        "opened": opened,
         "summary": json.loads((run_dir / "summary.json").read_text()),
     }
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+import fedllm.privacy.userdp as userdp
 from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import USER_GAUSSIAN, Ledger
+from fedllm.privacy.userdp import WITHHELD
 from tests.integration.test_simulation import SITES, _simulate
 
 pytestmark = pytest.mark.slow
@@ -44,9 +46,36 @@ def user_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "data.max-length": 256,
         "eval.max-examples": 8,
     }
-    _simulate(overrides)
+    norms = NormSpy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(userdp, "clip_update", norms.clip_update)
+        _simulate(overrides)
     run_dir = out / "tiny-user"
-    return {"dir": run_dir, "summary": json.loads((run_dir / "summary.json").read_text())}
+    return {
+        "dir": run_dir,
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "norms": norms.seen,
+    }
+
+
+class NormSpy:
+    """`clip_update` as the coordinator's user-level stage calls it (the ServerApp runs in
+    this process), remembering every site's update norm: what the run must not write."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+        self._real = userdp.clip_update
+
+    def clip_update(self, update: Any, clip_norm: float) -> Any:
+        clipped, norm = self._real(update, clip_norm)
+        self.seen.append(norm)
+        return clipped, norm
+
+
+def norm_spellings(norms: list[float]) -> set[str]:
+    """Every way a norm could be written into a file: as JSON writes a float, rounded to 6
+    places (as the summary once did) and to 6 significant figures."""
+    return {f for n in norms for f in (json.dumps(n), json.dumps(round(n, 6)), f"{n:.6g}")}
 
 
 def test_user_level_epsilon_is_accounted_per_round_and_reported_apart(
@@ -64,7 +93,7 @@ def test_user_level_epsilon_is_accounted_per_round_and_reported_apart(
     assert [r["round"] for r in user] == [1, 2]
     assert [r["guarantee"] for r in user] == pytest.approx(expected, rel=1e-9)
     assert all(r["level"] == "user" and r["site"] == "all" for r in user)
-    assert all(r["sampled_sites"] == list(range(SITES)) for r in user)
+    assert all(r["expected_sites"] == SITES and r["sample_rate"] == 1.0 for r in user)
     assert user[0]["update_noise_multiplier"] > Z  # part of the budget went to the count
     assert summary["user_level"]["epsilon"] == pytest.approx(expected[1], rel=1e-9)
     assert summary["user_level"]["delta"] == DELTA
@@ -75,15 +104,53 @@ def test_user_level_epsilon_is_accounted_per_round_and_reported_apart(
 def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile(
     user_run: dict[str, Any],
 ) -> None:
-    """Every update is far above the 0.05 starting norm, so the norm grows round on round."""
+    """Every update is far above the 0.05 starting norm, so the norm grows round on round;
+    the summary holds the noised count of clipped updates it moved on (all 3, give or take
+    noise of std 0.4), not the exact one."""
     # Prepare
     rounds = user_run["summary"]["user_level"]["rounds"]
     # Execute
     norms = [r["clip_norm"] for r in rounds]
     # Assert
-    assert rounds[0]["clipped"] == SITES
-    assert all(n > 0.05 for n in rounds[0]["update_norms"])
+    assert all(n > 0.05 for n in user_run["norms"][:SITES])  # round 1's updates
+    assert "clipped" not in rounds[0]
+    assert abs(rounds[0]["clipped_noisy"] - SITES) < 5 * COUNT_STD
     assert norms[1] > norms[0]
+
+
+def test_no_site_norm_exact_count_or_sampled_site_reaches_the_run_directory(
+    user_run: dict[str, Any],
+) -> None:
+    """The user-level records of a record+user run (state.json, summary.json, the run's
+    ledger) hold the released figures and ε, not the sites' update norms, the exact clipped
+    count, or who and how many were sampled or contributed; the record-level figures of each
+    site stay (its own ε, and the participation `audit verify` cross-checks them with)."""
+    # Prepare
+    run_dir, norms = user_run["dir"], user_run["norms"]
+    texts = {
+        name: (run_dir / name).read_text()
+        for name in ("state.json", "summary.json", "ledger.jsonl")
+    }
+    state = json.loads(texts["state.json"])
+    user = [
+        r for r in Ledger(run_dir / "ledger.jsonl").records() if r["mechanism"] == USER_GAUSSIAN
+    ]
+    # Execute
+    rounds = user_run["summary"]["user_level"]["rounds"] + state["user_dp"]["rounds"]
+    spelled = {f for f in norm_spellings(norms) for text in texts.values() if f in text}
+    # Assert
+    assert len(norms) == 2 * SITES  # every site's update in both rounds was seen
+    assert spelled == set()
+    assert not any(key in r for r in rounds for key in WITHHELD)
+    assert not any(key in r for r in user for key in ("sampled_sites", "contributors"))
+    assert all(
+        {"noise_multiplier", "update_noise_multiplier", "clip_norm", "expected_sites"} <= set(r)
+        for r in user
+    )
+    assert all(r["epsilon"] is not None and "clipped_noisy" in r for r in rounds)
+    summary = user_run["summary"]
+    assert summary["user_level"]["participation_withheld"] is False
+    assert [p["aggregated"] for p in summary["participation"]] == [list(range(SITES))] * 2
 
 
 def test_user_level_budget_stops_the_run_before_it_is_exceeded(
