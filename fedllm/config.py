@@ -58,6 +58,10 @@ EMBEDDED_DATA = "chatterbot"
 
 STRATEGIES = tuple(FLOWER_STRATEGIES)  # the one list: fedllm.strategy.flower
 PARTITIONERS = ("by-category", "iid", "dirichlet")
+# How a site's records are split into train and held-out: by each record's own hash (a
+# record's side never depends on the others), or the seeded permutation of the whole set
+# that runs made before `data.split` existed used (they resume only under it).
+SPLITS = ("hash", "permutation")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -183,11 +187,20 @@ class DataConfig:
     )
     category_field: str = field(default="category", metadata=field_help("column holding the topic"))
     eval_fraction: float = field(default=0.1, metadata=field_help("held-out share of each site"))
+    split: str = field(
+        default="hash",
+        metadata=field_help(
+            "train/held-out split: each record by its own hash, or the size-dependent "
+            "permutation runs made before this key used",
+            SPLITS,
+        ),
+    )
     max_length: int = field(default=128, metadata=field_help("token limit per example"))
 
     def __post_init__(self) -> None:
         require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "> 0")
         require(0 < self.eval_fraction < 1, "data.eval-fraction", self.eval_fraction, "in (0, 1)")
+        require(self.split in SPLITS, "data.split", self.split, f"one of {', '.join(SPLITS)}")
         require(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
 
 
@@ -441,7 +454,13 @@ def _check_he(cfg: FedllmConfig) -> None:
 # Sections and keys added after runs were made, with the value older runs behaved as: left
 # out of the hash and the resume key while they hold it, so those runs keep both.
 LATE_SECTIONS = {"safety": SafetyConfig, "validate": ValidateConfig}
-LATE_KEYS = {("he", "noise_assumption"): "curious-site", ("model", "fingerprint"): ""}
+LATE_KEYS = {
+    ("he", "noise_assumption"): "curious-site",
+    ("model", "fingerprint"): "",
+    ("data", "split"): "permutation",  # older runs split so; new ones default to "hash"
+    ("security", "coordinator_key"): "keys/pki/superlink/coordinator.key",
+    ("security", "coordinator_public_key"): "keys/pki/coordinator.pub",
+}
 
 
 def stable_dict(cfg: FedllmConfig, *, late_sections: tuple[str, ...] = ("validate",)) -> dict:

@@ -87,6 +87,13 @@ class RunDir:
             return None
         saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if saved.get("resume_key") != _resume_key(cfg):
+            made_before = "split" not in saved.get("config", {}).get("data", {"split": ""})
+            if made_before and cfg.data.split != "permutation":
+                raise RunDirError(
+                    f"run directory {path} was made before data.split existed, when every "
+                    "site split its records by a seeded permutation; resume it with "
+                    "data.split = \"permutation\" (or choose another 'run.name')."
+                )
             raise RunDirError(
                 f"run directory {path} was made with a different configuration; "
                 "choose another 'run.name' to start a new run."

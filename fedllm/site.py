@@ -164,6 +164,7 @@ def load_site_data(
         eval_fraction=cfg.data.eval_fraction,
         max_eval_examples=cfg.eval.max_examples,
         seed=cfg.run.seed,
+        scheme=cfg.data.split,
     )
     dropped = 0
     if cfg.safety.screen_site_data:  # before the canaries, and before n is counted for DP

@@ -24,7 +24,7 @@ from clients.app import evaluate, train
 
 app = ClientApp()
 
-_STASH = ("arrays", "metrics", "signature")
+_STASH = ("arrays", "metrics", "spend", "signature")  # every record of its reply
 
 
 def _plan(context: Context) -> dict[str, int]:

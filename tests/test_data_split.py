@@ -313,3 +313,24 @@ def test_two_identical_records_still_split_one_and_one() -> None:
 
         # Assert
         assert (len(train), len(held)) == (1, 1)
+
+
+def test_a_run_made_before_data_split_resumes_only_under_the_permutation(tmp_path) -> None:
+    """An old run directory (no data.split in its config) is refused under the new default
+    with the key to set named, and found again under data.split = "permutation"."""
+    import json
+
+    import pytest
+
+    from fedllm.config import parse_config
+    from fedllm.errors import RunDirError
+    from fedllm.rundir import RunDir
+
+    old = {"run.name": "old", "run.output-dir": str(tmp_path), "data.split": "permutation"}
+    run = RunDir.create(parse_config(old), {"rounds_completed": 1})
+    saved = json.loads(run.config_path.read_text())
+    del saved["config"]["data"]["split"]  # as the config of a run made before the key
+    run.config_path.write_text(json.dumps(saved))
+    with pytest.raises(RunDirError, match='resume it with data.split = "permutation"'):
+        RunDir.find(parse_config({k: v for k, v in old.items() if k != "data.split"}))
+    assert RunDir.find(parse_config(old)) is not None

@@ -31,7 +31,12 @@ _SPLIT_DOMAIN = "fedllm.split-train-eval.v1"
 
 
 def split_train_eval(
-    ds: datasets.Dataset, *, eval_fraction: float, max_eval_examples: int, seed: int
+    ds: datasets.Dataset,
+    *,
+    eval_fraction: float,
+    max_eval_examples: int,
+    seed: int,
+    scheme: str = "hash",
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out a bounded, reproducible evaluation set, deciding each record by its own hash.
 
@@ -76,6 +81,11 @@ def split_train_eval(
     seed : int
         The run seed, hashed with each record; the same seed always gives the same split and
         a different seed an independent one.
+    scheme : str
+        ``"hash"`` (the above), or ``"permutation"``: the seeded shuffle of the whole set
+        that runs made before ``data.split`` existed used, where the first
+        ``min(max(1, round(n * eval_fraction)), max_eval_examples, n - 1)`` are held out
+        (kept so those runs resume on the records they trained on).
 
     Returns
     -------
@@ -101,6 +111,10 @@ def split_train_eval(
             f"A site with {n} example(s) cannot be split into training and evaluation sets; "
             "give each site at least two examples (fewer sites or more data)."
         )
+    if scheme == "permutation":
+        n_eval = min(max(1, round(n * eval_fraction)), max_eval_examples, n - 1)
+        shuffled = ds.shuffle(seed=seed)
+        return shuffled.select(range(n_eval, n)), shuffled.select(range(n_eval))
     hashes = _record_hashes(ds, seed)
     bound = eval_fraction * 2**64  # exact: int < float compares exactly in Python
     held = sorted((h, i) for i, h in enumerate(hashes) if h < bound)
