@@ -9,10 +9,12 @@ before any training starts rather than surfacing as Flower exit code 305 after i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +139,6 @@ def cmd_pki_register(args: argparse.Namespace) -> int:
     """Register every enrolled site's node-auth key with the SuperLink through Flower's own
     CLI (the public key comes from the signed registry, not from a site's folder)."""
     # heavy: cryptography's x509 takes ~0.2 s to import; keeps `fedllm --help` fast
-    import json  # heavy: (stdlib) only this verb needs it
-    import tempfile  # heavy: (stdlib) only this verb needs it
-
     from fedllm.secure.pki import PkiLayout, load_signing_key  # heavy: as above
     from fedllm.secure.registry import load_registry  # heavy: as above
 

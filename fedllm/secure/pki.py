@@ -96,20 +96,24 @@ class PkiLayout:
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / site
 
+    def site(self, site: str) -> SiteKeys:
+        """A demo site's folder (`--sites`), laid out as `fedllm site init` makes it."""
+        return SiteKeys(self.site_dir(site))
+
     def node_auth_key(self, site: str) -> Path:
-        return self.site_dir(site) / "node-auth.key"
+        return self.site(site).node_auth_key
 
     def node_auth_pub(self, site: str) -> Path:
-        return self.site_dir(site) / "node-auth.pub"
+        return self.site(site).node_auth_pub
 
     def signing_key(self, site: str) -> Path:
-        return self.site_dir(site) / "signing.key"
+        return self.site(site).signing_key
 
     def signing_pub(self, site: str) -> Path:
-        return self.site_dir(site) / "signing.pub"
+        return self.site(site).signing_pub
 
     def site_ca(self, site: str) -> Path:
-        return self.site_dir(site) / "ca.pem"
+        return self.site(site).ca
 
 
 def parse_sites(spec: str) -> list[str]:
@@ -239,7 +243,7 @@ def init_pki(
         layout.registry,
     ]
     for site in sites:
-        keys = SiteKeys(layout.site_dir(site))
+        keys = layout.site(site)
         targets += [keys.node_auth_key, keys.signing_key, keys.enrolment]
     existing = [p for p in targets if p.exists()]
     if existing and not force:
