@@ -17,11 +17,11 @@ from flwr.clientapp import ClientApp
 from fedllm import wire as w
 from fedllm.errors import BudgetExceededError, PolicyRefusedError
 from fedllm.mods import reply_mods, train_mods
-from fedllm.mods.context import local_data, local_model, partition, site_config
-from fedllm.mods.policy import node_epsilon_max, site_budget, site_policy
+from fedllm.mods.context import site_config, site_inputs
+from fedllm.mods.policy import site_limits
 from fedllm.mods.sign import signing_key
 from fedllm.privacy.backfill import history_metrics
-from fedllm.site import run_evaluate, run_train, site_data_for, spend_record
+from fedllm.site import join_refusal, run_evaluate, run_train, spend_record
 from fedllm.site_ledgers import SiteLedgers
 
 log = logging.getLogger("fedllm.client")
@@ -38,29 +38,23 @@ def create_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
 
 def train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    """One training round as the SuperNode runs it, mods included (for apps that wrap it)."""
+    """One message (the app routes train and evaluate) as the SuperNode runs it, mods
+    included (for apps that wrap it)."""
     return create_app(overrides)(msg, context)
 
 
-def evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    """One evaluation as the SuperNode runs it, mods included (for apps that wrap it)."""
-    return create_app(overrides)(msg, context)
+evaluate = train
 
 
 def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Train one round; reply with the trainable adapter tensors and the privacy spend."""
     cfg, config = site_config(msg, context, overrides), msg.content[w.CONFIG]
-    site, num_sites = partition(context)
-    own = local_model(context)  # the site's own base model, if any: PolicyMod checked it
-    data, tokenizer = site_data_for(
-        cfg, site=site, num_sites=num_sites, local=local_data(context), base_model=own
-    )
+    data, tokenizer, own = site_inputs(cfg, context)  # own base model: PolicyMod checked it
     ledgers = SiteLedgers.open(  # every record it writes is signed with the site's key
         cfg, context.node_config, site=data.site, fingerprint=data.fingerprint,
         signing_key=signing_key(cfg, context, data.site),
     )  # fmt: skip
-    policy = site_policy(context)  # PolicyMod has checked what the request states
-    try:
+    try:  # PolicyMod has checked what the request states; this checks what it would spend
         out = run_train(
             cfg,
             data,
@@ -68,10 +62,8 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
             ledgers.run_state(),
             pad_token_id=int(tokenizer.pad_token_id),
             proximal_mu=float(config.get(w.PROXIMAL_MU, 0.0)),
-            budget=site_budget(cfg, context, policy),
-            policy=policy,
+            limits=site_limits(cfg, context),
             lifetime=ledgers.lifetime_history(),
-            lifetime_budget=policy.cap(node_epsilon_max(context)),
             base_model=own,
         )
     except (BudgetExceededError, PolicyRefusedError) as e:
@@ -104,11 +96,14 @@ def _train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message
 def _evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Evaluate the global adapter on this site's held-out split."""
     cfg = site_config(msg, context, overrides)
-    site, num_sites = partition(context)
-    own = local_model(context)  # the site's own base model, if any: PolicyMod checked it
-    data, tokenizer = site_data_for(
-        cfg, site=site, num_sites=num_sites, local=local_data(context), base_model=own
+    data, tokenizer, own = site_inputs(cfg, context)  # own base model: PolicyMod checked it
+    ledgers = SiteLedgers.open(
+        cfg, context.node_config, site=data.site, fingerprint=data.fingerprint
     )
+    limits, lifetime = site_limits(cfg, context), ledgers.lifetime_history()
+    if reason := join_refusal(cfg, data, ledgers.run_state(), limits=limits, lifetime=lifetime):
+        log.warning("%s", reason)  # a run it could not train in: it answers nothing for it
+        return Message(content=w.refusal_content(data.site, reason), reply_to=msg)
     arrays = w.record_to_arrays(msg.content[w.ARRAYS])  # plaintext: HEMod opened it
     pad = int(tokenizer.pad_token_id)
     res = run_evaluate(cfg, data, arrays, pad_token_id=pad, base_model=own)

@@ -22,7 +22,7 @@ from fedllm.data import (
     split_train_eval,
     tokenize_examples,
 )
-from fedllm.errors import DataError
+from fedllm.errors import BudgetExceededError, DataError, PolicyRefusedError
 from fedllm.model import (  # load_site_model, tokenizer_for: re-exported, they lived here
     get_adapter_arrays,
     load_site_model,
@@ -51,9 +51,12 @@ __all__ = [
     "LocalData",
     "PrivacyState",
     "SiteData",
+    "SiteLimits",
     "SiteRound",
+    "join_refusal",
     "load_site_data",
     "load_site_model",
+    "plan_dp",
     "run_evaluate",
     "run_train",
     "site_data_for",
@@ -298,6 +301,89 @@ def _planned_sigma(cfg: FedllmConfig, *, sample_rate: float, delta: float) -> fl
     return cfg.privacy.noise_multiplier
 
 
+@dataclass(frozen=True)
+class SiteLimits:
+    """What the site enforces whatever the run asks: its policy, its ε cap in this run (the
+    run's own, lowered by the site's) and its cap over every run on these records."""
+
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    budget: float | None = None
+    lifetime_budget: float | None = None
+
+
+def plan_dp(
+    cfg: FedllmConfig,
+    data: SiteData,
+    state: PrivacyState,
+    *,
+    limits: SiteLimits,
+    lifetime: History | None = None,
+) -> tuple[DPSettings | None, dict[str, float | bool]]:
+    """This round's DP-SGD settings and the ε report it would reach (None and {} without
+    record-level DP), checked against the site's `limits` before anything trains; `state`
+    gains the run's δ and σ if it had none.
+
+    Raises
+    ------
+    BudgetExceededError
+        If the round would take the site past its budget in this run, or past its lifetime
+        budget composed with its `lifetime` history on these records.
+    PolicyRefusedError
+        If its σ or δ falls short of the site's policy.
+    """
+    if not cfg.privacy.record_level:
+        return None, {}
+    n = data.num_records
+    sample_rate = min(1.0, cfg.train.batch_size / n)
+    if not state.delta:
+        state.delta = cfg.privacy.delta or default_delta(n)
+    if not state.noise_multiplier:
+        state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
+    limits.policy.check_dp(state.noise_multiplier, state.delta, site=data.site)
+    step = (state.noise_multiplier, sample_rate, cfg.train.local_steps)
+    if lifetime is not None and limits.lifetime_budget is not None:
+        check_budget(
+            lifetime,
+            step,
+            delta=state.delta,
+            budget=limits.lifetime_budget,
+            who=f"site {data.site}, over every run on its records (lifetime)",
+        )
+    report = check_budget(
+        state.history, step, delta=state.delta, budget=limits.budget, who=f"site {data.site}"
+    )
+    dp = DPSettings(
+        noise_multiplier=state.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        sample_rate=sample_rate,
+        expected_batch_size=max(1, round(sample_rate * n)),
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+    )
+    return dp, report
+
+
+def join_refusal(
+    cfg: FedllmConfig,
+    data: SiteData,
+    state: PrivacyState,
+    *,
+    limits: SiteLimits,
+    lifetime: History | None = None,
+) -> str:
+    """Why the site answers no request of a run it has not trained in yet (`state` has no
+    spend), or "": it could not train even one round of it (its budget, lifetime budget or
+    policy's σ and δ, the checks `plan_dp` makes). A site never joins a run it cannot train
+    in, so the coordinator learns at the run's first request, and no evaluation of the
+    site's held-out data is answered for it."""
+    if state.history:
+        return ""
+    try:
+        plan_dp(cfg, data, PrivacyState(), limits=limits, lifetime=lifetime)
+    except (BudgetExceededError, PolicyRefusedError) as e:
+        return str(e)
+    return ""
+
+
 def run_train(
     cfg: FedllmConfig,
     data: SiteData,
@@ -306,10 +392,8 @@ def run_train(
     *,
     pad_token_id: int,
     proximal_mu: float = 0.0,
-    budget: float | None = None,
-    policy: SitePolicy | None = None,
+    limits: SiteLimits | None = None,
     lifetime: History | None = None,
-    lifetime_budget: float | None = None,
     base_model: str | None = None,
 ) -> SiteRound:
     """Train one round from the global `arrays`; `state` gains this round's DP steps. The
@@ -318,42 +402,11 @@ def run_train(
 
     Raises
     ------
-    BudgetExceededError
-        Before any training, if the round would take the site past `budget` in this run,
-        or past `lifetime_budget` composed with its `lifetime` history on these records.
-    PolicyRefusedError
-        Before any training, if its σ or δ falls short of the site's `policy`.
+    BudgetExceededError, PolicyRefusedError
+        Before any training, if the round falls outside the site's `limits` (`plan_dp`).
     """
     n = data.num_records
-    dp = None
-    report: dict[str, float | bool] = {}
-    if cfg.privacy.record_level:
-        sample_rate = min(1.0, cfg.train.batch_size / n)
-        if not state.delta:
-            state.delta = cfg.privacy.delta or default_delta(n)
-        if not state.noise_multiplier:
-            state.noise_multiplier = _planned_sigma(cfg, sample_rate=sample_rate, delta=state.delta)
-        if policy is not None:
-            policy.check_dp(state.noise_multiplier, state.delta, site=data.site)
-        step = (state.noise_multiplier, sample_rate, cfg.train.local_steps)
-        if lifetime is not None and lifetime_budget is not None:
-            check_budget(
-                lifetime,
-                step,
-                delta=state.delta,
-                budget=lifetime_budget,
-                who=f"site {data.site}, over every run on its records (lifetime)",
-            )
-        report = check_budget(
-            state.history, step, delta=state.delta, budget=budget, who=f"site {data.site}"
-        )
-        dp = DPSettings(
-            noise_multiplier=state.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            sample_rate=sample_rate,
-            expected_batch_size=max(1, round(sample_rate * n)),
-            grad_sample_mode=cfg.privacy.grad_sample_mode,
-        )
+    dp, report = plan_dp(cfg, data, state, limits=limits or SiteLimits(), lifetime=lifetime)
     model, device = load_site_model(cfg, base_model=base_model)
     set_adapter_arrays(model, arrays)
     canaries = None

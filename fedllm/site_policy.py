@@ -13,7 +13,18 @@ max-delta = 1e-5                  # the largest delta it accepts (0 = the run's 
 epsilon-max = 4.0                 # its own cap on epsilon (the node config's epsilon-max too)
 base-models = ["embedded:smollm2-135m-instruct"]  # the base models it fine-tunes (any if empty)
 answer-evaluate = true            # whether it evaluates the coordinator's adapters at all
+max-evaluations-per-round = 1     # evaluation requests it answers per round of a run (0: any)
+max-evaluations-per-run = 20      # ... per run
+max-evaluations = 200             # ... over every run (what a coordinator renaming runs meets)
 ```
+
+The run's terms (base model, privacy mode, σ, δ, the cap without DP) are checked on every
+request, evaluation included: a site answers nothing for a run it would not train in.
+Held-out evaluation answers a loss on private data for any adapter the coordinator sends,
+released without DP; the `max-evaluations*` caps bound how many such answers it gives. They
+are counted at the site (`fedllm.site_meter`, under its `state-dir`), durably, before the
+answer is computed. The round and the run name come from the coordinator, so a hostile one
+can open fresh rounds and runs: only `max-evaluations` bounds the total.
 
 A site with an ε cap (here or in the node config's `epsilon-max`) trains only under
 record-level DP: a run without DP-SGD spends an unbounded ε that no cap could hold.
@@ -52,6 +63,9 @@ class SitePolicy:
     epsilon_max: float = 0.0  # 0: no cap of the policy's own
     base_models: tuple[str, ...] = ()  # empty: any
     answer_evaluate: bool = True
+    max_evaluations_per_round: int = 0  # 0: no cap
+    max_evaluations_per_run: int = 0
+    max_evaluations: int = 0
     source: str = ""  # the file it was read from, for messages
 
     def cap(self, node_epsilon_max: float | None) -> float | None:
@@ -59,19 +73,26 @@ class SitePolicy:
         caps = [c for c in (self.epsilon_max, node_epsilon_max or 0.0) if c > 0]
         return min(caps) if caps else None
 
+    @property
+    def meters_evaluation(self) -> bool:
+        """Whether it caps how many evaluation requests it answers."""
+        return any(
+            (self.max_evaluations_per_round, self.max_evaluations_per_run, self.max_evaluations)
+        )
+
     def refusal(self, cfg: FedllmConfig, phase: str, *, node_epsilon_max: float | None) -> str:
         """Why this site refuses a `phase` ("train" or "evaluate") request under `cfg`, or
-        "" when the policy accepts it. Checks only what the request states: no data read."""
+        "" when the policy accepts it. Checks only what the request states: no data read.
+        The run's terms hold for every phase: a site evaluates nothing for a run it would
+        not train in."""
         where = f"site policy {self.source}" if self.source else "site policy"
+        if phase == "evaluate" and not self.answer_evaluate:
+            return f"{where}: answer-evaluate = false (this site evaluates no adapter)"
         if self.base_models and cfg.model.name not in self.base_models:
             return (
                 f"{where}: base-models = {list(self.base_models)} does not include the "
                 f"requested model.name = {cfg.model.name!r}"
             )
-        if phase == "evaluate":
-            if not self.answer_evaluate:
-                return f"{where}: answer-evaluate = false (this site evaluates no adapter)"
-            return ""
         p = cfg.privacy
         if p.mode not in self.privacy_modes:
             return (
@@ -126,6 +147,9 @@ _TYPES: dict[str, type] = {
     "epsilon_max": float,
     "base_models": tuple,
     "answer_evaluate": bool,
+    "max_evaluations_per_round": int,
+    "max_evaluations_per_run": int,
+    "max_evaluations": int,
 }
 
 
@@ -138,6 +162,12 @@ def _value(path: Path, key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if not isinstance(value, bool):
             raise wrong("true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+        if value < 0:
+            raise ConfigError(f"site policy {path}: key '{key}' = {value!r} must be >= 0.")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

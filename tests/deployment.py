@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FlwrRun", "LoopbackFederation", "adversary_app", "free_port"]
+__all__ = [
+    "FlwrRun",
+    "LoopbackFederation",
+    "adversary_app",
+    "free_port",
+    "hostile_app",
+    "node_id",
+    "plain_app",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -79,6 +87,43 @@ def adversary_app(root: Path) -> Path:
     return app
 
 
+def plain_app(root: Path) -> Path:
+    """An app directory holding only fedllm's pyproject.toml (its ServerApp and ClientApp
+    come from the installed environment): a FAB whose hash the test knows in advance, so a
+    site can pin it."""
+    app = root / "plain-app"
+    app.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
+    return app
+
+
+def hostile_app(root: Path, target_node: int) -> Path:
+    """An app directory whose ServerApp is `tests/hostile.py` (fedllm's, sending node
+    `target_node` a run name that is a path) and whose ClientApp is fedllm's: a hostile
+    coordinator's FAB."""
+    app = root / "hostile-app"
+    app.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        text.replace('serverapp = "server.app:app"', 'serverapp = "hostile:app"')
+    )
+    code = (REPO / "tests" / "hostile.py").read_text()
+    assert "\nTARGET_NODE = 0\n" in code
+    (app / "hostile.py").write_text(
+        code.replace("\nTARGET_NODE = 0\n", f"\nTARGET_NODE = {target_node}\n")
+    )
+    return app
+
+
+def node_id(log: str) -> int:
+    """The node id a SuperNode's log says the SuperLink gave it (the last one, if it
+    reconnected)."""
+    found = re.findall(r"SuperNode ID: (\d+)", log)
+    if not found:
+        raise ValueError(f"no SuperNode ID in the log:\n{log[-2000:]}")
+    return int(found[-1])
+
+
 class FlwrRun:
     """A `flwr run --stream` in progress; its output is in the federation's logs."""
 
@@ -111,11 +156,15 @@ class LoopbackFederation:
         node_config: dict[int, str] | None = None,
         extra_sites: tuple[str, ...] = (),
         heartbeat_interval: float | None = None,
+        pins: dict[int, list[str]] | None = None,
     ) -> None:
         """`heartbeat_interval` (seconds, at least 10): what the sites' SuperNodes declare
-        instead of Flower's 30 (a dead one is named after two missed heartbeats)."""
+        instead of Flower's 30 (a dead one is named after two missed heartbeats). `pins`:
+        the FAB SHA-256s a site runs (`fedllm supernode --app-sha256`); a pinned site's
+        SuperNode is fedllm's pinned one, so it keeps Flower's 30 s heartbeat."""
         self.root, self.sites, self.secure = Path(root), sites, secure
         self.node_config = node_config or {}
+        self.pins = pins or {}
         self.pki = self.root / "pki"
         self.logs = self.root / "logs"
         self.port = free_port()
@@ -232,6 +281,7 @@ class LoopbackFederation:
                 "--num-partitions", str(self.sites), "--port", str(free_port()),
                 "--node-config", extra,
             ]  # fmt: skip
+            cmd += [arg for pin in self.pins.get(k, []) for arg in ("--app-sha256", pin)]
         else:
             cmd = [
                 self.supernode, "--insecure", "--superlink", self.address,

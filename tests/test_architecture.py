@@ -29,6 +29,7 @@ FLOWER_ALLOWED = (
     "fedllm/strategy/",
     "fedllm/mods/",
     "fedllm/wire.py",
+    "fedllm/secure/app_pin.py",
     FLOWER_CLI_MODULE,
 )
 APP_MAX_LINES = {"server/app.py": 60, "clients/app.py": 120}

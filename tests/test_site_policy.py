@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,16 +100,17 @@ def test_a_request_below_the_policy_is_refused_naming_the_rule(
 
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b", ".."])
-def test_a_run_name_from_the_coordinator_that_is_not_a_plain_name_stops_the_site(
-    name: str,
-) -> None:
+def test_a_run_name_from_the_coordinator_that_is_not_a_plain_name_is_refused(name: str) -> None:
     """The site builds its paths from the run name the coordinator sends: one with '/' or
-    '..' is refused before the app (or any mod that reads files) runs."""
+    '..' is answered with a refusal naming the rule (signed by SignMod outside), before the
+    app (or any mod that reads files) runs."""
     calls: list[Message] = []
     msg = _message(_config(**{wire.RUN_NAME: name}))
-    with pytest.raises(ConfigError, match=r"'run.name' = .* must be a plain directory name"):
-        PolicyMod()(msg, _context({}), _replying(lambda msg: RecordDict(), calls))
+    reply = PolicyMod()(msg, _context({}), _replying(lambda msg: RecordDict(), calls))
     assert calls == []
+    assert re.search(
+        r"'run.name' = .* must be a plain directory name", str(wire.refusal_reason(reply.content))
+    )
 
 
 def test_a_request_the_policy_accepts_is_not_refused(strict: Path) -> None:
@@ -131,6 +133,23 @@ def test_evaluation_is_refused_where_the_site_answers_none(tmp_path: Path) -> No
     path.write_text("answer-evaluate = false\n")
     reason = load_policy(path).refusal(_request(), "evaluate", node_epsilon_max=None)
     assert "answer-evaluate = false" in reason
+
+
+@pytest.mark.parametrize(
+    ("flat", "rule"),
+    [
+        ({"privacy.mode": "none"}, "privacy-modes"),
+        ({"privacy.noise-multiplier": 0.5}, "min-noise-multiplier = 0.8"),
+        ({"model.name": "gpt2"}, "base-models"),
+    ],
+)
+def test_a_site_evaluates_nothing_for_a_run_whose_terms_it_refuses(
+    strict: Path, flat: dict[str, object], rule: str
+) -> None:
+    """The run's terms hold for evaluation too: a site does not answer held-out losses for
+    a run it would never train in."""
+    reason = load_policy(strict).refusal(_request(**flat), "evaluate", node_epsilon_max=None)
+    assert rule in reason
 
 
 def test_a_calibrated_sigma_or_default_delta_below_the_policy_stops_training(strict: Path) -> None:

@@ -14,7 +14,9 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +210,13 @@ def supernode_command(
     num_partitions: int,
     port: int | None = None,
     node_config: str = "",
+    app_sha256: Sequence[str] = (),
 ) -> list[str]:
     """The `flower-supernode` command line for a site: TLS to the federation's CA, node
     authentication with the site's P-384 key, its signing key and the coordinator's public
     key in the node config (the site then signs everything and checks every instruction,
-    whatever the run config says)."""
+    whatever the run config says). With `app_sha256`, Flower's SuperNode runs pinned
+    (`fedllm.secure.app_pin`): a run whose FAB is not one of these is refused."""
     config = (
         f"partition-id={partition_id} num-partitions={num_partitions} "
         f'signing-key="{site_dir / "signing.key"}" '
@@ -229,7 +233,11 @@ def supernode_command(
         "--node-config",
         config,
     ]
-    return cmd + (["--port", str(port)] if port else [])
+    cmd += ["--port", str(port)] if port else []
+    if not app_sha256:
+        return cmd
+    pins = [arg for pin in app_sha256 for arg in ("--app-sha256", pin)]
+    return [sys.executable, "-m", "fedllm.secure.app_pin", *pins, "--", *cmd[1:]]
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
@@ -245,7 +253,20 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         num_partitions=args.num_partitions,
         port=args.port,
         node_config=args.node_config,
+        app_sha256=args.app_sha256 or (),
     )
+    if args.app_sha256:
+        # heavy: the pin's check of its values needs Flower; only a pinned site loads it
+        from fedllm.secure.app_pin import check_pins
+
+        check_pins(args.app_sha256)
+    else:
+        print(
+            "fedllm: warning: no --app-sha256: this site runs whatever ClientApp the run's FAB "
+            "holds, and every check it makes runs inside that code. Pin the app you "
+            "reviewed (`fedllm site app-hash DIR`).",
+            flush=True,
+        )
     return _exec(cmd + list(args.flower_args), args.dry_run)
 
 
@@ -304,6 +325,11 @@ def add_parsers(sub: Any) -> None:
     node.add_argument("--port", type=int, help="the SuperNode's local API port")
     node.add_argument("--node-config", default="", help="more node config (key=value ...)")
     node.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for TLS")
+    node.add_argument(
+        "--app-sha256",
+        action="append",
+        help="run only this app (repeatable): the FAB SHA-256 `fedllm site app-hash` prints",
+    )
     node.add_argument("--dry-run", action="store_true", help="check and print the command")
     node.add_argument("flower_args", nargs="*", help="after --: passed to flower-supernode")
     node.set_defaults(func=cmd_supernode)

@@ -1,9 +1,10 @@
-"""`fedllm site init` (a site's own keys) and `fedllm site budget` (its lifetime privacy
-spend on each of its datasets)."""
+"""`fedllm site init` (a site's own keys), `fedllm site app-hash` (the app it pins) and
+`fedllm site budget` (its lifetime privacy spend on each of its datasets)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,22 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_app_hash(args: argparse.Namespace) -> int:
+    # heavy: Flower's FAB builder loads only for this verb
+    from fedllm.secure.app_pin import app_sha256
+
+    digest = app_sha256(args.app)
+    print(digest)
+    print(
+        f"# the FAB `flwr run {args.app}` builds; start the SuperNode with "
+        f"`fedllm supernode ... --app-sha256 {digest}` to run only this app",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
-    """`site init` and `site budget`."""
+    """`site init`, `site budget` and `site app-hash`."""
     site = verb_group(sub, "site", "a site's own keys and state")
     init = site.add_parser("init", help="make this site's node-auth and signing keys, here")
     init.add_argument("name", help="the site's name (letters, digits, '.', '_', '-')")
@@ -105,3 +120,6 @@ def add_parsers(sub: Any) -> None:
     budget.add_argument("--epsilon-max", type=float, default=0.0, help="the node's own cap")
     budget.add_argument("--at-rest-key", help="the key the site seals its ledgers with")
     budget.set_defaults(func=cmd_site_budget)
+    pin = site.add_parser("app-hash", help="the SHA-256 of the app a site pins (--app-sha256)")
+    pin.add_argument("app", nargs="?", default=".", help="the app directory it reviewed")
+    pin.set_defaults(func=cmd_site_app_hash)

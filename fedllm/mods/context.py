@@ -14,10 +14,10 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedllm.config import FedllmConfig, parse_config
-from fedllm.site import LocalData
+from fedllm.site import LocalData, SiteData, site_data_for
 from fedllm.wire import CONFIG, RUN_NAME
 
-__all__ = ["SiteMod", "local_data", "local_model", "partition", "site_config"]
+__all__ = ["SiteMod", "local_data", "local_model", "partition", "site_config", "site_inputs"]
 
 
 def site_config(msg: Message, context: Context, overrides: Mapping[str, Any]) -> FedllmConfig:
@@ -72,6 +72,17 @@ def local_model(context: Context) -> str | None:
     copy's (`fedllm.site_model.model_refusal`, checked by `PolicyMod`)."""
     path = context.node_config.get("model")
     return str(path) if path else None
+
+
+def site_inputs(cfg: FedllmConfig, context: Context) -> tuple[SiteData, Any, str | None]:
+    """The site's data (its own, or its partition of the run's) and tokenizer, and its own
+    copy of the base model if it has one (`local_model`)."""
+    site, num_sites = partition(context)
+    own = local_model(context)
+    data, tokenizer = site_data_for(
+        cfg, site=site, num_sites=num_sites, local=local_data(context), base_model=own
+    )
+    return data, tokenizer, own
 
 
 class SiteMod:

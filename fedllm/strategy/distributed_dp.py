@@ -92,8 +92,6 @@ class DistributedDP(Stage):
             sample_rate=1.0,
             clip_norm=p.user_clip,
             clipping="fixed",
-            sampled_sites=contributors,
-            contributors=present,
             expected_sites=float(n),
             delta=p.user_delta,
             epsilons={m: float(report[m]) for m in MECHANISMS},

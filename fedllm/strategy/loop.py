@@ -204,8 +204,11 @@ class FederatedRun:
         self._evaluate(0)
         ok = len(self.ctx.book.round("evals", 0))
         if ok < self.cfg.run.min_sites:
-            failures = self.ctx.book.data.get("failures", [])
-            reasons = sorted({f["reason"] for f in failures})
+            book = self.ctx.book.data
+            reasons = sorted(
+                {f"{_sender(f)}: {f['reason']}" for f in book.get("failures", [])}
+                | {f"site {r['site']} refused: {r['reason']}" for r in book.get("refused", [])}
+            )
             raise FedllmError(
                 f"only {ok} of {self.ctx.num_sites} sites could evaluate the initial adapter "
                 f"(run.min-sites = {self.cfg.run.min_sites}): {'; '.join(reasons) or 'no reply'}"
@@ -306,6 +309,12 @@ class FederatedRun:
             if stops_after:
                 return
         self.state["status"] = "completed"
+
+
+def _sender(failure: dict[str, Any]) -> str:
+    """Who failed: the site, where its node has answered before, else the node."""
+    site = failure.get("site")
+    return f"site {site}" if site is not None else f"node {failure.get('node')}"
 
 
 def _table_text(summary: dict[str, Any]) -> str:

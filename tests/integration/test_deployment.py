@@ -12,6 +12,19 @@ process per message, ~12 CPU-seconds each: a second job would double the test's 
    signed update; both are rejected and the round goes on with site 0;
 3. in round 3 site 2's SuperNode is killed mid-round; the run finishes with sites 0 and 1.
 
+Then the sites' own policies meet two coordinators they refuse, each refusal at the run's
+first request (round 0's evaluation: a site answers nothing for a run it would not train
+in), so each job costs one ClientApp start per site:
+
+4. a hostile coordinator (`tests/hostile.py`) asks for `privacy.mode = "none"`, sends
+   the restarted site 2 the run name `../escape`, and ships its own FAB: site 0's policy
+   allows record-level DP only, site 1's SuperNode runs only the two apps it pinned
+   (`--app-sha256`) and refuses this one before any of its code runs, site 2 refuses the
+   name;
+5. an honest one asks for sigma 0.5 under a new run name and names the base model's
+   fingerprint: site 0's policy asks for sigma 0.8, site 1's lifetime cap is what the first
+   job spent, site 2 now holds another base model.
+
 The sites declare a 10 s heartbeat (Flower's minimum; its default is 30 s), so the killed
 SuperNode is reported after two missed heartbeats, ~20 s, instead of ~60 s.
 """
@@ -19,6 +32,7 @@ SuperNode is reported after two missed heartbeats, ~20 s, instead of ~60 s.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -27,9 +41,21 @@ from typing import Any
 import pytest
 
 from fedllm.cli import main as cli
+from fedllm.model_fingerprint import model_fingerprint
+from fedllm.privacy.accounting import epsilon_report
 from fedllm.privacy.ledger import Ledger
+from fedllm.secure.app_pin import app_sha256
 from fedllm.secure.pki import init_pki
-from tests.deployment import LoopbackFederation, adversary_app, free_port
+from fedllm.site import PrivacyState
+from fedllm.site_meter import evaluation_counts
+from tests.deployment import (
+    LoopbackFederation,
+    adversary_app,
+    free_port,
+    hostile_app,
+    node_id,
+    plain_app,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +107,31 @@ def _site_files(folder: Path) -> dict[int, str]:
     }
 
 
+def _other_model(tiny: Path, folder: Path) -> Path:
+    """A copy of the tiny model with one weight-relevant setting changed: another base
+    model under the same files' names."""
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = float(config.get("rms_norm_eps", 1e-6)) * 10
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _lifetime_ledgers(root: Path) -> dict[str, int]:
+    """Every site's lifetime ledger and its record count."""
+    return {
+        str(path.relative_to(root)): len(Ledger(path).records())
+        for path in sorted((root / "state").glob("*/lifetime/*.jsonl"))
+    }
+
+
+def _lifetime_epsilon(state: Path) -> float:
+    """The epsilon a site has spent on its records over every run (its lifetime ledger)."""
+    (path,) = (state / "lifetime").glob("*.jsonl")
+    spent = PrivacyState.from_ledger(Ledger(path).records())
+    return float(epsilon_report(spent.history, delta=spent.delta)["epsilon"])
+
+
 def _summary(root: Path, name: str, log: str) -> dict[str, Any]:
     """The job's summary.json; if it wrote none, fail with the end of its streamed log."""
     path = root / "out" / name / "summary.json"
@@ -94,13 +145,19 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     rogue = init_pki(root / "rogue-pki", hosts=["127.0.0.1"], sites=["rogue"])  # never registered
     assert rogue["sites"]
     data = _site_files(root / "site-data")
+    policy = {k: root / f"policy-{k}.toml" for k in range(3)}  # read at every request
+    policy[0].write_text("max-evaluations-per-round = 1\n")  # the first job evaluates once
+    policy[1].write_text("")
+    policy[2].write_text("")
     node_config = {
-        0: data[0],
-        1: f'{data[1]} adversary="replay@2"',
-        2: f'{data[2]} adversary="tamper@2,stall@3" marker-dir="{root}"',
+        0: f'{data[0]} policy="{policy[0]}"',
+        1: f'{data[1]} policy="{policy[1]}" adversary="replay@2"',
+        2: f'{data[2]} policy="{policy[2]}" adversary="tamper@2,stall@3" marker-dir="{root}"',
     }
     out: dict[str, Any] = {"root": root}
-    with LoopbackFederation(root, node_config=node_config, heartbeat_interval=10) as fed:
+    adversary, plain = adversary_app(root), plain_app(root)
+    pins = {1: [app_sha256(adversary), app_sha256(plain)]}  # site 1 runs these apps only
+    with LoopbackFederation(root, node_config=node_config, heartbeat_interval=10, pins=pins) as fed:
         out["fed"] = fed
         # Intruders, while the job runs: a SuperNode that trusts the federation's CA
         # but holds a key that was never registered, and one that has a registered key but
@@ -127,7 +184,7 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         # The coordinator names no site's data: its data.source does not even exist.
         nowhere = str(root / "the-coordinator-holds-no-data.jsonl")
         config = {"run.rounds": 3, "run.min-sites": 1, "data.source": nowhere}
-        job = fed.run(_job(fed, tiny_model_dir, "faults", **config), app=adversary_app(root))
+        job = fed.run(_job(fed, tiny_model_dir, "faults", **config), app=adversary)
         for name in ("unregistered", "no-ca"):
             out[f"{name}_rc"] = fed.procs[name].wait(timeout=120)
             out[f"{name}_log"] = fed.log(name)
@@ -140,6 +197,32 @@ def deployment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         fed.kill("site-2")  # mid-round: it is training (stalled) when its machine goes
         out["faults_log"] = job.wait(600)
         out["faults"] = _summary(root, "faults", out["faults_log"])
+
+        # The refusals. The sites' policies change between requests, as a site's operator
+        # may change its file; site 2 comes back holding another base model.
+        out["lifetime_before"] = _lifetime_ledgers(root)
+        out["meter_before"] = evaluation_counts(root / "state" / "site-0")
+        spent = _lifetime_epsilon(root / "state" / "site-1")
+        out["site1_spent"] = spent
+        policy[0].write_text('privacy-modes = ["record"]\nmin-noise-multiplier = 0.8\n'
+                             "max-evaluations-per-round = 1\n")  # fmt: skip
+        policy[1].write_text(f"epsilon-max = {spent!r}\n")  # all of it is spent
+        other = _other_model(tiny_model_dir, root / "other-model")
+        fed.node_config[2] = f'{data[2]} policy="{policy[2]}" model="{other}"'
+        fed.start_site(2)
+        fed.wait_for_sites(["site-2"])
+        refused = {"run.rounds": 1, "run.min-sites": 3, "data.source": nowhere}
+        hostile = {**refused, "privacy.mode": "none"}
+        app = hostile_app(root, node_id(fed.log("site-2")))  # its FAB: no site pinned it
+        job1 = fed.run(_job(fed, tiny_model_dir, "hostile", **hostile), app=app)
+        out["hostile_log"] = job1.wait(300)
+        second = {**refused, "privacy.noise-multiplier": 0.5,
+                  "model.fingerprint": model_fingerprint(tiny_model_dir)}  # fmt: skip
+        job2 = fed.run(_job(fed, tiny_model_dir, "second", **second), app=plain)
+        out["second_log"] = job2.wait(300)
+        out["site_logs"] = {k: fed.log(f"site-{k}") for k in range(3)}
+        out["lifetime_after"] = _lifetime_ledgers(root)
+        out["meter_after"] = evaluation_counts(root / "state" / "site-0")
         out["superlink_log"] = fed.log("superlink")
     out["leftover"] = subprocess.run(
         ["pgrep", "-a", "-f", str(root)], capture_output=True, text=True
@@ -255,3 +338,68 @@ def test_the_audit_report_states_which_updates_were_signed_and_which_were_reject
     line = next(x for x in md.splitlines() if x.startswith("- **Update signatures**"))
     assert "3 registered site keys" in line and "2 rejected" in line
     assert "payload does not match its signature" in line and "replayed update" in line
+
+
+# -- the sites' own policies, against the coordinator's requests ---------------------------
+
+
+def _round0_refusals(log: str) -> str:
+    """The coordinator's one-line stop at round 0, which names every site's refusal."""
+    lines = [x for x in log.splitlines() if "could evaluate the initial adapter" in x]
+    assert lines, f"the job did not stop at round 0; its log ends:\n{log[-4000:]}"
+    return lines[-1]
+
+
+def test_a_hostile_coordinators_no_dp_and_path_run_name_are_refused_by_each_sites_rule(
+    deployment: dict[str, Any],
+) -> None:
+    stop = _round0_refusals(deployment["hostile_log"])
+    assert "only 0 of 3 sites" in stop
+    assert (
+        "site 0 refused: site policy" in stop
+        and "privacy-modes = ['record'] does not include the requested privacy.mode = 'none'"
+        in stop
+    )
+    site1 = deployment["site_logs"][1]
+    node1 = node_id(site1)  # it never answered this run, so the coordinator names its node
+    assert f"node {node1}: The FAB could not be verified" in stop  # before any app code ran
+    assert "this site refuses run" in site1 and "is not one the site pinned" in site1
+    assert site1.count("app is pinned (FAB SHA-256") >= 2  # the first job's and the last's
+    assert "site 2 refused: the request cannot be used" in stop
+    assert "'run.name' = '../escape' is invalid: must be a plain directory name" in stop
+    root = deployment["root"]
+    assert not (root / "escape").exists() and not (root / "state" / "escape").exists()
+    assert not list(root.rglob("escape"))  # nothing anywhere under the test's folder
+    assert not (root / "out" / "hostile").exists()
+
+
+def test_sigma_below_policy_a_spent_lifetime_budget_and_another_base_model_are_refused(
+    deployment: dict[str, Any],
+) -> None:
+    stop = _round0_refusals(deployment["second_log"])
+    assert "only 0 of 3 sites" in stop
+    assert "site 0 refused: site policy" in stop
+    assert (
+        "min-noise-multiplier = 0.8, but the request asks for privacy.noise-multiplier = 0.5"
+        in stop
+    )
+    assert "site 1 refused: site 1, over every run on its records (lifetime)" in stop
+    assert "site 2 refused: base model: model.fingerprint = " in stop
+    assert "not the run's base model" in stop
+    assert deployment["site1_spent"] > 0
+    logs = deployment["site_logs"]
+    assert "refuses the evaluate request: site policy" in logs[0]
+    assert "over every run on its records (lifetime)" in logs[1]
+    assert not (deployment["root"] / "out" / "second").exists()
+
+
+def test_no_refused_request_trained_or_wrote_a_ledger_record(deployment: dict[str, Any]) -> None:
+    """Every site's lifetime ledger holds exactly what the first job spent; no site holds a
+    ledger of either refused run; a refused evaluation was not counted."""
+    before, after = deployment["lifetime_before"], deployment["lifetime_after"]
+    assert len(before) == 3 and after == before
+    state = deployment["root"] / "state"
+    for name in ("hostile", "second"):
+        assert not list(state.glob(f"*/{name}")), name
+    assert deployment["meter_before"]["runs"]["faults"]["total"] == 4  # rounds 0-3, once each
+    assert deployment["meter_after"] == deployment["meter_before"]
