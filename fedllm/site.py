@@ -17,6 +17,7 @@ import numpy as np
 from fedllm.config import FedllmConfig
 from fedllm.data import (
     load_examples,
+    load_site_examples,
     partition_examples,
     site_files,
     split_train_eval,
@@ -114,7 +115,7 @@ def _site_examples(cfg: FedllmConfig, *, site: int, num_sites: int, local: Local
     run's `data.source`."""
     if local is not None:
         try:
-            return load_examples(
+            return load_site_examples(
                 local.path,
                 prompt_field=local.prompt_field,
                 response_field=local.response_field,

@@ -2,10 +2,11 @@
 
 No container engine runs where these tests run, so they pin everything that can be read
 statically: the compose services (one SuperLink, three SuperNodes), TLS and node
-authentication on every connection, which key file each container sees (only files
-`fedllm pki init` writes, each site only its own, `ca.key` nowhere), the GPU override, and
-the Dockerfiles' build inputs and version pins (read from pyproject.toml and install.sh, so a
-pin bump that forgets the images fails here).
+authentication on every connection, which file each container sees (the coordinator only
+what `fedllm pki init` writes, each site only its own key folder from `fedllm site init` and
+its own data folder, `ca.key` nowhere), the app pin, the GPU override, and the Dockerfiles'
+build inputs and version pins (read from pyproject.toml and install.sh, so a pin bump that
+forgets the images fails here). `docker/e2e.sh` builds and runs all of it for real.
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ from packaging.requirements import Requirement
 
 from fedllm.cli import build_parser
 from fedllm.secure.pki import PkiLayout, parse_sites
+from fedllm.secure.site_keys import SiteKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 GPU_OVERRIDE = DOCKER / "compose.gpu.yaml"
 REGISTER = DOCKER / "register-sites.sh"
-# compose.yaml mounts what `fedllm pki init --out keys/pki ... --sites 3` writes (not committed).
+E2E = DOCKER / "e2e.sh"
+# compose.yaml mounts, with its defaults (none of it committed): what `fedllm pki init --out
+# keys/pki` writes, each site's `fedllm site init site-k` folder (keys/site/site-k), each
+# site's own folder of data and policy (sites/site-k) and the coordinator's models/.
 PKI = PkiLayout(ROOT / "keys" / "pki")
 KEYS = ROOT / "keys"
+SITES = ROOT / "sites"
+MODELS = ROOT / "models"
 N_SITES = 3
+
+
+def _site_keys(site: str) -> SiteKeys:
+    return SiteKeys(KEYS / "site" / site)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +116,7 @@ def _binds(service: dict[str, Any]) -> list[tuple[Path, str, bool]]:
             source, target, read_only = vol["source"], vol["target"], bool(vol.get("read_only"))
         else:
             continue
-        out.append(((COMPOSE.parent / source).resolve(), target, read_only))
+        out.append(((COMPOSE.parent / _default(source)).resolve(), target, read_only))
     return out
 
 
@@ -146,7 +157,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def _node_config(cmd: list[str]) -> dict[str, str]:
     raw = _flag(cmd, "--node-config")
     assert raw, "a SuperNode without --node-config"
-    return dict(item.split("=", 1) for item in shlex.split(raw))
+    return dict(item.split("=", 1) for item in shlex.split(_default(raw)))
 
 
 def _site(service: dict[str, Any]) -> str:
@@ -164,17 +175,19 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def _allowed_key_files() -> set[Path]:
-    """Every file or folder under keys/ a container may mount: what PkiLayout names."""
-    allowed = {PKI.ca_cert, PKI.server_cert.parent, PKI.server_cert, PKI.server_key, PKI.registry}
+    """Every file or folder under keys/ a container may mount: the coordinator's files
+    PkiLayout names, and each site's folder from `fedllm site init`."""
+    allowed = {
+        PKI.ca_cert,
+        PKI.server_cert.parent,
+        PKI.server_cert,
+        PKI.server_key,
+        PKI.coordinator_key,
+        PKI.registry,
+    }
     for site in parse_sites(str(N_SITES)):
-        allowed |= {
-            PKI.site_dir(site),
-            PKI.site_ca(site),
-            PKI.node_auth_key(site),
-            PKI.node_auth_pub(site),
-            PKI.signing_key(site),
-            PKI.signing_pub(site),
-        }
+        keys = _site_keys(site)
+        allowed |= {keys.root, keys.ca, keys.node_auth_key, keys.signing_key, keys.coordinator_pub}
     return {p.resolve() for p in allowed}
 
 
@@ -231,8 +244,9 @@ def _expand(text: str, args: dict[str, str]) -> str:
 
 
 def _from_image(path: Path) -> str:
+    """The base image with its build arguments at their defaults (`FROM ${BASE_IMAGE}`)."""
     (image,) = [a.split()[0] for w, a in _instructions(path) if w == "FROM"]
-    return image
+    return _expand(image, _args(path))
 
 
 def _pyproject_pins() -> dict[str, Requirement]:
@@ -299,15 +313,20 @@ def test_every_dockerfile_exists_in_its_build_context(compose: dict[str, Any]) -
         assert _dockerfile(service).is_file(), f"{name}: no {service['build']['dockerfile']}"
 
 
-def test_bind_mounts_exist_or_are_files_pki_init_writes(compose: dict[str, Any]) -> None:
+def test_bind_mounts_are_read_only_and_only_what_the_parties_make(
+    compose: dict[str, Any],
+) -> None:
+    """Keys are files `fedllm pki init` or `fedllm site init` writes; a site's data and
+    policy are its own folder; the coordinator's models its own folder; all read-only."""
     allowed = _allowed_key_files()
+    sites = {_site_keys(s).root.name: (SITES / s).resolve() for s in parse_sites(str(N_SITES))}
     for name, service in compose["services"].items():
         for host, _, read_only in _binds(service):
+            assert read_only, f"{name} mounts {host} writable; every bind mount is read-only"
             if _within(host, KEYS.resolve()):
-                assert host in allowed, f"{name} mounts {host}: not a file `fedllm pki init` writes"
-                assert read_only, f"{name} mounts {host} writable; keys are mounted read-only"
+                assert host in allowed, f"{name} mounts {host}: not a file the key commands write"
             else:
-                assert host.exists(), f"{name} mounts {host}, which does not exist"
+                assert host in set(sites.values()) | {MODELS.resolve()}, f"{name} mounts {host}"
 
 
 def test_superlink_serves_tls_with_supernode_auth(compose: dict[str, Any]) -> None:
@@ -340,6 +359,8 @@ def test_superlink_mounts_the_registry_where_the_serverapp_reads_it(
         registries.append(tomllib.loads(deploy.read_text())["security"]["registry"])
     for registry in registries:
         assert _host_path(link, str(workdir / registry)) == PKI.registry.resolve(), registry
+    coordinator_key = app_config["config"]["security"]["coordinator-key"]
+    assert _host_path(link, str(workdir / coordinator_key)) == PKI.coordinator_key.resolve()
     outputs = app_config["config"]["run"]["output-dir"]
     assert str(workdir / outputs) in _named_volume_targets(link)
     assert _flag(_command(link), "--database").startswith(tuple(_named_volume_targets(link)))
@@ -353,14 +374,18 @@ def test_each_site_dials_tls_with_its_own_node_key(compose: dict[str, Any]) -> N
         site = _site(node)
         assert "--insecure" not in cmd
         assert _flag(cmd, "--superlink") == f"{link_name}:{link_port}"
+        keys, conf = _site_keys(site), _node_config(cmd)
         expected = [
-            ("--root-certificates", _flag(cmd, "--root-certificates"), PKI.site_ca(site)),
+            ("--root-certificates", _flag(cmd, "--root-certificates"), keys.ca),
             (
                 "--auth-supernode-private-key",
                 _flag(cmd, "--auth-supernode-private-key"),
-                PKI.node_auth_key(site),
+                keys.node_auth_key,
             ),
-            ("signing-key", _node_config(cmd).get("signing-key"), PKI.signing_key(site)),
+            ("signing-key", conf.get("signing-key"), keys.signing_key),
+            ("coordinator-key", conf.get("coordinator-key"), keys.coordinator_pub),
+            ("data", conf.get("data"), SITES / site / "data"),
+            ("policy", conf.get("policy"), SITES / site / "policy.toml"),
         ]
         for what, value, host_file in expected:
             assert value, f"{name} has no {what}"
@@ -374,7 +399,9 @@ def test_sites_have_distinct_partitions_and_one_partition_count(compose: dict[st
     assert {c["num-partitions"] for c in configs} == {str(N_SITES)}
 
 
-def test_no_service_sees_another_sites_keys_or_the_ca_key(compose: dict[str, Any]) -> None:
+def test_no_service_sees_another_sites_keys_or_data_or_the_ca_key(
+    compose: dict[str, Any],
+) -> None:
     sites = parse_sites(str(N_SITES))
     for name, service in compose["services"].items():
         own = [_site(service)] if _kind(service) == "supernode" else []
@@ -382,9 +409,30 @@ def test_no_service_sees_another_sites_keys_or_the_ca_key(compose: dict[str, Any
             assert not _within(PKI.ca_key.resolve(), host), f"{name} can read ca.key via {host}"
             for site in sites:
                 if site not in own:
-                    assert not _overlaps(host, PKI.site_dir(site).resolve()), f"{name}: {host}"
+                    for theirs in (_site_keys(site).root, SITES / site, PKI.site_dir(site)):
+                        assert not _overlaps(host, theirs.resolve()), f"{name}: {host}"
             if own:
-                assert _within(host, PKI.site_dir(own[0]).resolve()), f"{name} mounts {host}"
+                mine = (_site_keys(own[0]).root.resolve(), (SITES / own[0]).resolve())
+                assert any(_within(host, m) for m in mine), f"{name} mounts {host}"
+                assert not _overlaps(host, PKI.root.resolve()), f"{name} sees the coordinator's"
+
+
+def test_every_site_runs_only_the_pinned_app(compose: dict[str, Any]) -> None:
+    """The SuperNode is fedllm's pinned one: a run whose FAB is not FEDLLM_APP_SHA256 is
+    refused before its code runs; with the hash unset, compose refuses to start."""
+    for name, node in _of_kind(compose, "supernode").items():
+        entrypoint = [str(a) for a in node["entrypoint"]]
+        assert entrypoint[:3] == ["python", "-m", "fedllm.secure.app_pin"], name
+        assert _flag(entrypoint, "--app-sha256").startswith("${FEDLLM_APP_SHA256:?"), name
+        assert entrypoint[-1] == "--", name  # the command is flower-supernode's arguments
+
+
+def test_compose_v1_reads_the_file(compose: dict[str, Any]) -> None:
+    """Debian's docker-compose 1.29 rejects a top-level `name:` and `bind` options."""
+    assert "name" not in compose
+    for name, service in compose["services"].items():
+        for vol in service.get("volumes", []):
+            assert not (isinstance(vol, dict) and "bind" in vol), f"{name}: {vol}"
 
 
 def test_containers_never_run_as_root(compose: dict[str, Any]) -> None:
@@ -497,6 +545,30 @@ def test_images_install_as_install_sh_does(dockerfile: Path) -> None:
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES), ids=lambda p: p.name)
+def test_the_classic_builder_sends_what_buildkit_sends(dockerfile: Path) -> None:
+    """The classic builder (DOCKER_BUILDKIT=0, Debian's engine) reads only the root
+    .dockerignore: it must hold the same allow-list."""
+    root = (ROOT / ".dockerignore").read_text().splitlines()
+    beside = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
+    assert [x for x in root if x and not x.startswith("#")] == [
+        x for x in beside if x and not x.startswith("#")
+    ]
+
+
+def test_the_cpu_images_share_their_build_steps() -> None:
+    """On one base the SuperLink and SuperNode images share every layer but the entrypoint."""
+
+    def steps(name: str) -> list[tuple[str, str]]:
+        return [
+            (w, a)
+            for w, a in _instructions(DOCKER / name)
+            if w != "ENTRYPOINT" and not a.startswith("BASE_IMAGE=")
+        ]
+
+    assert steps("superlink.Dockerfile") == steps("supernode.Dockerfile")
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES), ids=lambda p: p.name)
 def test_images_are_glibc_based_and_start_their_flower_component(dockerfile: Path) -> None:
     image = _from_image(dockerfile)
     assert "alpine" not in image and ("ubuntu" in image or "debian" in image), image
@@ -529,7 +601,16 @@ def test_register_script_registers_the_sites_compose_runs() -> None:
     _, link = _superlink(cfg)
     published = [str(p).rsplit(":", 1) for p in link["ports"]]
     assert [address, _flag(_command(link), "--port")] in published
-    assert "flwr supernode register" in text
+    assert "fedllm pki register" in text  # from the coordinator's signed registry
+
+
+def test_e2e_script_is_valid_bash_and_tears_everything_down() -> None:
+    subprocess.run(["bash", "-n", str(E2E)], check=True)
+    text = E2E.read_text()
+    assert "set -euo pipefail" in text and "trap teardown EXIT" in text
+    assert "down --volumes --remove-orphans" in text
+    for verb in ("pki init", "site init", "pki enrol", "site app-hash", "audit verify"):
+        assert f"fedllm {verb}" in text, verb
 
 
 def test_register_script_calls_fedllm_commands_that_exist() -> None:

@@ -127,3 +127,16 @@ def test_a_saved_dataset_folder_is_one_source_not_natural_sites(tmp_path: Path) 
     _write(tmp_path, "saved", _rows(4, "x"))
     assert site_files(str(tmp_path / "saved")) is None
     assert site_files(str(tmp_path / "missing")) is None
+
+
+def test_a_folder_of_files_is_one_sites_data_read_whole(cfg: object, tmp_path: Path) -> None:
+    """A site's `data` may be a folder of files (a JSONL and a CSV here): every record of
+    every file is the site's, and nothing is partitioned."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    _write(folder, "jsonl", _rows(20, "moss"))
+    _write(folder, "csv", _rows(15, "ferns"))
+    local = LocalData(path=str(folder), prompt_field="q", response_field="a")
+    tok = tokenizer_for(cfg)
+    data = load_site_data(cfg, site=0, num_sites=3, tokenizer=tok, local=local)
+    assert len(data.train) + len(data.eval) == 35

@@ -159,6 +159,9 @@ def cmd_pki_register(args: argparse.Namespace) -> int:
             cmd += ["--name", site.name]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         text = (done.stdout + done.stderr).strip().splitlines()
+        if done.returncode != 0 and "already in use" in " ".join(text).lower():
+            print(f"{site.name}: already registered")  # a re-run: the key is there
+            continue
         print(f"{site.name}: {text[-1] if text else done.returncode}")
         if done.returncode != 0:
             raise FedllmError(f"registering {site.name} failed: {' '.join(text[-3:])}")

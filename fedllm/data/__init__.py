@@ -20,6 +20,7 @@ from fedllm.data.sources import (
     DEFAULT_CATEGORY,
     EMBEDDED_SOURCE,
     load_examples,
+    load_site_examples,
     site_files,
 )
 from fedllm.data.tokenize import IGNORE_INDEX, collate_batch, split_train_eval, tokenize_examples
@@ -32,6 +33,7 @@ __all__ = [
     "PARTITION_SCHEMES",
     "collate_batch",
     "load_examples",
+    "load_site_examples",
     "partition_examples",
     "site_files",
     "split_train_eval",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.data.sources import is_text, load_examples
+from fedllm.data.sources import is_text, load_site_examples
 from fedllm.data.tokenize import split_train_eval, tokenize_examples
 from fedllm.errors import DataError
 
@@ -149,7 +149,7 @@ def check_data(
         else bad_lines(source, prompt_field=prompt_field, response_field=response_field)
     )
     try:
-        examples = load_examples(
+        examples = load_site_examples(
             source,
             prompt_field=prompt_field,
             response_field=response_field,

@@ -19,7 +19,14 @@ import yaml
 
 from fedllm.errors import DataError
 
-__all__ = ["COLUMNS", "DEFAULT_CATEGORY", "EMBEDDED_SOURCE", "first_line", "load_examples"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_CATEGORY",
+    "EMBEDDED_SOURCE",
+    "first_line",
+    "load_examples",
+    "load_site_examples",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +117,36 @@ def load_examples(
         response_field=response_field,
         category_field=category_field,
     )
+
+
+def load_site_examples(
+    source: str,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    category_field: str | None = "category",
+) -> datasets.Dataset:
+    """A site's own data (its node config `data`): what `load_examples` reads, or a folder
+    of such files, all of them, in name order (a site that keeps one file per month, say).
+    A bad file is named by the loader's one-line message."""
+    files = site_files(source)
+    if files is None:
+        return load_examples(
+            source,
+            prompt_field=prompt_field,
+            response_field=response_field,
+            category_field=category_field,
+        )
+    parts = [
+        load_examples(
+            str(f),
+            prompt_field=prompt_field,
+            response_field=response_field,
+            category_field=category_field,
+        )
+        for f in files
+    ]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def site_files(source: str) -> list[pathlib.Path] | None:
