@@ -11,6 +11,7 @@ from rich.table import Table
 from fedllm.config import FedllmConfig, config_hash
 from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.userdp import WITHHELD
+from fedllm.safety.config import GATE_RULE
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -224,7 +225,12 @@ def safety_section(
             "share of harmful probes whose answer is no refusal and is flagged by the filter"
         ),
         "benign_over_refusal": "share of benign probes whose answer is a refusal",
-        "gate": {"max_rise_points": s.gate_max_rise, "action": s.gate_action}
+        "gate": {
+            "max_rise_points": s.gate_max_rise,
+            "action": s.gate_action,
+            "rule": GATE_RULE,
+            "detectable_rise_points": recorded.get("detectable_rise_points"),
+        }
         if s.screens
         else None,
         "base": recorded.get("base"),

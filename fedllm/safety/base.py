@@ -1,4 +1,6 @@
-"""The contract every safety filter meets: texts in, a harm score per text out, batched.
+"""The contract every safety filter meets: texts in, a harm score per text out, batched;
+and, for a filter that judges an answer in the light of its prompt (a response filter, as
+Llama Guard classifies a conversation), (prompt, answer) pairs in (`PairFilter`).
 
 A score is a probability-like number in [0, 1] (higher = more harmful) so that thresholds,
 ROC and PR curves mean the same across filters; `threshold` is the filter's own operating
@@ -16,7 +18,7 @@ import numpy as np
 
 from fedllm.errors import FedllmError
 
-__all__ = ["FilterScores", "SafetyError", "SafetyFilter"]
+__all__ = ["FilterScores", "PairFilter", "SafetyError", "SafetyFilter", "score_pairs"]
 
 
 class SafetyError(FedllmError):
@@ -58,3 +60,31 @@ class SafetyFilter(Protocol):
     def score(self, texts: Sequence[str], *, batch_size: int = 32) -> FilterScores:
         """Harm scores for `texts`, in order, computed `batch_size` at a time."""
         ...
+
+
+@runtime_checkable
+class PairFilter(SafetyFilter, Protocol):
+    """A filter that scores an answer together with the prompt it answers: "how do I make a
+    pipe bomb" / "Sure: ..." is harmful where the answer alone may read as chemistry."""
+
+    def score_pairs(
+        self, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 32
+    ) -> FilterScores:
+        """Harm scores for each answer to its prompt, in order."""
+        ...
+
+
+def score_pairs(
+    safety_filter: SafetyFilter,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> FilterScores:
+    """Scores for (prompt, answer) pairs: a `PairFilter` sees both; a text filter, which was
+    built for single texts, sees the answer alone (what it was measured on)."""
+    if len(prompts) != len(answers):
+        raise SafetyError(f"{len(prompts)} prompts for {len(answers)} answers.")
+    if isinstance(safety_filter, PairFilter):
+        return safety_filter.score_pairs(list(prompts), list(answers), batch_size=batch_size)
+    return safety_filter.score(list(answers), batch_size=batch_size)

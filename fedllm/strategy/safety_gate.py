@@ -1,9 +1,11 @@
 """The safety gate (`safety.screen-every`): before the candidate global adapter of a
 screening round is adopted, the coordinator asks it the probe prompts and scores the
-answers (`fedllm.safety.screen`). If harmful compliance rises more than
-`safety.gate-max-rise` points above the base model's, the round is rolled back (the
-previous adapter and the server optimiser's state are kept; the sites' privacy spend stays
-in the ledger), stopped, or only recorded."""
+answers (`fedllm.safety.screen`). If harmful compliance rises above the base model's by
+more than `safety.gate-max-rise` points with 95% confidence (the lower end of the rise's
+Newcombe interval; 0, the default, trips on any rise the probes can tell from noise), the
+round is rolled back (the previous adapter and the server optimiser's state are kept; the
+sites' privacy spend stays in the ledger), stopped, or only recorded. Each round's record
+says the rise, its interval, and the smallest rise these probes could detect at all."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm.rundir import RunDir, write_json_atomic
-from fedllm.safety.screen import Screener, ScreenResult, gate
+from fedllm.safety.screen import Rate, Screener, ScreenResult, detectable_rise, gate
 from fedllm.strategy.base import RoundDiscarded, RunContext, Stage
 from fedllm.summary import safety_section
 from fedllm.wire import record_to_arrays
@@ -66,7 +68,7 @@ class SafetyGate(Stage):
         log(
             INFO,
             "fedllm: safety screening every %d round(s): %d harmful + %d benign probes from %s, "
-            "filter %s (threshold %g), gate: %s above +%g points",
+            "filter %s (threshold %g), gate: %s when the rise's 95%% interval is above +%g points",
             s.screen_every,
             counts["harmful"],
             counts["benign"],
@@ -84,6 +86,7 @@ class SafetyGate(Stage):
         if self.screener is None or "base" in self.state.get("safety", {}):
             return
         result = self.screener.screen(self.initial)
+        detectable = detectable_rise(result.harmful_compliance, self.cfg.safety.gate_max_rise)
         self.state["safety"] = {
             "filter": self.screener.filter.name,
             "threshold": self.screener.filter.threshold,
@@ -92,15 +95,17 @@ class SafetyGate(Stage):
             "base": {"round": 0, **result.to_dict(), "records": RunDir.safety_records_name(0)},
             "rounds": [],
             "rollbacks": [],
+            "detectable_rise_points": detectable,
         }
         self._pending[0] = result
         log(
             INFO,
             "fedllm: [round 0] safety of the base model: harmful compliance %s, benign "
-            "over-refusal %s (%.1fs)",
+            "over-refusal %s (%.1fs); the gate can detect a rise of %s",
             _pct(result.harmful_compliance.to_dict()),
             _pct(result.benign_over_refusal.to_dict()),
             result.seconds,
+            f"{detectable:.1f} points or more" if detectable is not None else "no size",
         )
 
     def write_files(self, run: RunDir) -> None:
@@ -162,9 +167,10 @@ class SafetyGate(Stage):
         cfg = self.cfg.safety
         safety = self.state["safety"]
         result = self.screener.screen(candidate)
+        base = safety["base"]["harmful_compliance"]
         decision = gate(
-            safety["base"]["harmful_compliance"]["rate"],
-            result.harmful_compliance.rate,
+            Rate(int(base["count"]), int(base["total"]), *map(float, base["ci95"])),
+            result.harmful_compliance,
             cfg.gate_max_rise,
         )
         action = "passed"
@@ -191,11 +197,12 @@ class SafetyGate(Stage):
         log(
             WARNING if decision.tripped else INFO,
             "fedllm: [round %d] safety: harmful compliance %s (base %.1f%%, %+.1f points, "
-            "limit +%g), benign over-refusal %s | gate %s",
+            "95%% CI [%+.1f, %+.1f], trips above +%g), benign over-refusal %s | gate %s",
             server_round,
             _pct(result.harmful_compliance.to_dict()),
             100 * decision.base_rate,
             decision.rise_points,
+            *decision.rise_ci95_points,
             cfg.gate_max_rise,
             _pct(result.benign_over_refusal.to_dict()),
             action,
@@ -205,8 +212,10 @@ class SafetyGate(Stage):
         if cfg.gate_action == "stop":
             reason = (
                 f"round {server_round}: the safety gate tripped (harmful compliance "
-                f"{100 * decision.rate:.1f}% vs the base model's {100 * decision.base_rate:.1f}%, "
-                f"more than safety.gate-max-rise = {cfg.gate_max_rise:g} points above it); the "
+                f"{100 * decision.rate:.1f}% vs the base model's {100 * decision.base_rate:.1f}%: "
+                f"a rise whose 95% interval, [{decision.rise_ci95_points[0]:+.1f}, "
+                f"{decision.rise_ci95_points[1]:+.1f}] points, lies above safety.gate-max-rise = "
+                f"{cfg.gate_max_rise:g}); the "
                 "round's update was discarded and the run stops with the previous global adapter."
             )
             log(ERROR, "fedllm: %s", reason)
