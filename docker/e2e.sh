@@ -72,9 +72,10 @@ teardown() {
 }
 trap teardown EXIT
 trap 'die "interrupted"' INT TERM
-( sleep "$TIMEOUT" && echo "e2e.sh: stopped after E2E_TIMEOUT=${TIMEOUT}s" >&2 && kill -TERM $$ ) &
+# The watchdog's own stderr goes nowhere (bash would print "Terminated" when teardown stops
+# its sleep); its message goes to this script's stderr, fd 3.
+( sleep "$TIMEOUT" && echo "e2e.sh: stopped after E2E_TIMEOUT=${TIMEOUT}s" >&3 && kill -TERM $$ ) 3>&2 2>/dev/null &
 WATCHDOG=$!
-disown "$WATCHDOG"  # killed in teardown; no "Terminated" from the shell
 
 # -- 0. what this host has -------------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "run as root (dockerd, debootstrap, key ownership): sudo -E env PATH=\"\$PATH\" $0"

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fedllm.plots import png_base64
-from fedllm.safety.base import SafetyError, SafetyFilter
+from fedllm.safety.base import PairFilter, SafetyError, SafetyFilter, score_pairs
 from fedllm.safety.labelled import LabelledSet
 from fedllm.safety.metrics import (
     METRICS,
@@ -60,9 +60,14 @@ LABELS = {
 
 
 def score_texts(
-    safety_filter: SafetyFilter, texts: Sequence[str], *, batch_size: int = 32
+    safety_filter: SafetyFilter,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    prompts: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Harm scores for `texts`, `batch_size` at a time, with a progress bar on a terminal.
+    """Harm scores for `texts`, `batch_size` at a time, with a progress bar on a terminal;
+    with `prompts`, each text is an answer scored with its prompt (`score_pairs`).
 
     Raises
     ------
@@ -75,7 +80,13 @@ def score_texts(
         task = bar.add_task(f"scoring with {safety_filter.name}", total=len(texts))
         for start in range(0, len(texts), batch_size):
             batch = list(texts[start : start + batch_size])
-            harm = safety_filter.score(batch, batch_size=batch_size).harm
+            harm = (
+                safety_filter.score(batch, batch_size=batch_size).harm
+                if prompts is None
+                else score_pairs(
+                    safety_filter, prompts[start : start + batch_size], batch, batch_size=batch_size
+                ).harm
+            )
             if harm.shape != (len(batch),):
                 raise SafetyError(
                     f"filter {safety_filter.name} returned {harm.size} scores for "
@@ -237,7 +248,7 @@ def evaluate_filter(
     used = float(safety_filter.threshold if threshold is None else threshold)
 
     started = time.perf_counter()
-    scores = score_texts(safety_filter, data.texts, batch_size=batch_size)
+    scores = score_texts(safety_filter, data.texts, batch_size=batch_size, prompts=data.prompts)
     score_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -270,6 +281,13 @@ def evaluate_filter(
         "filter_threshold": float(safety_filter.threshold),
         "filter_categories": list(safety_filter.categories),
         "data": data.source,
+        "scored": (
+            "texts"
+            if data.prompts is None
+            else "answers with their prompts"
+            if isinstance(safety_filter, PairFilter)
+            else "answers alone (a text filter)"
+        ),
         "n": len(data),
         "positives": positives,
         "negatives": len(data) - positives,

@@ -1,4 +1,6 @@
-"""Labelled sets for measuring safety filters: `text,label[,category]` rows from CSV or JSONL.
+"""Labelled sets for measuring safety filters: `text,label[,category]` rows from CSV or JSONL,
+or `prompt,response,label[,category]` rows: answers judged with their prompts (a response
+filter's set; the label says whether the *answer* is harmful).
 
 Label 1 means harmful (the filter should flag it), 0 benign. Categories say which kind of harm;
 they are what per-category metrics group by. The rules, enforced here so every set a metric
@@ -79,12 +81,16 @@ class LabelledSet:
         any row has a category).
     source : str
         Where the set came from (a path or ``bundled:NAME``), quoted in reports and errors.
+    prompts : tuple[str, ...] | None
+        For a set of answers, the prompt each answers (`texts` are then the answers); None
+        for a set of single texts.
     """
 
     texts: tuple[str, ...]
     labels: np.ndarray
     categories: tuple[str | None, ...]
     source: str
+    prompts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -104,6 +110,13 @@ class LabelledSet:
         object.__setattr__(self, "labels", labels.astype(np.int64))
         object.__setattr__(self, "texts", tuple(self.texts))
         object.__setattr__(self, "categories", tuple(c or None for c in self.categories))
+        if self.prompts is not None:
+            if len(self.prompts) != len(self.texts):
+                raise SafetyError(
+                    f"labelled set {self.source}: {len(self.prompts)} prompts for "
+                    f"{len(self.texts)} answers."
+                )
+            object.__setattr__(self, "prompts", tuple(self.prompts))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -138,12 +151,13 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
         columns = [c for c in (reader.fieldnames or []) if c is not None]
-        for needed in ("text", "label"):
+        text_columns = ("prompt", "response") if "response" in columns else ("text",)
+        for needed in (*text_columns, "label"):
             if needed not in columns:
                 found = ", ".join(columns) or "none"
                 raise SafetyError(
-                    f"{path}: no {needed!r} column (columns found: {found}); "
-                    "the header must name text,label[,category]."
+                    f"{path}: no {needed!r} column (columns found: {found}); the header must "
+                    "name text,label[,category] or prompt,response,label[,category]."
                 )
         has_category = "category" in columns
         for row in reader:
@@ -166,7 +180,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise SafetyError(f"{where}: not valid JSON ({e.msg}).") from e
             if not isinstance(obj, dict):
                 raise SafetyError(f"{where}: expected a JSON object with text and label keys.")
-            for needed in ("text", "label"):
+            text_keys = ("prompt", "response") if "response" in obj else ("text",)
+            for needed in (*text_keys, "label"):
                 if needed not in obj:
                     raise SafetyError(
                         f"{where}: no {needed!r} key (keys found: {', '.join(obj) or 'none'})."
@@ -175,8 +190,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def read_labelled(path: str | Path, *, source: str | None = None) -> LabelledSet:
-    """Read a labelled set from a ``.csv`` (header ``text,label[,category]``; extra columns are
-    ignored) or ``.jsonl`` file (one object per line with those keys).
+    """Read a labelled set from a ``.csv`` (header ``text,label[,category]``, or
+    ``prompt,response,label[,category]`` for answers; extra columns are ignored) or
+    ``.jsonl`` file (one object per line with those keys).
 
     Parameters
     ----------
@@ -209,13 +225,22 @@ def read_labelled(path: str | Path, *, source: str | None = None) -> LabelledSet
     if not rows:
         raise SafetyError(f"labelled set {path} has no rows.")
     categorised = any("category" in row for _, row in rows)
-    texts, labels, categories = [], [], []
+    pairs = "response" in rows[0][1]
+    texts, labels, categories, prompts = [], [], [], []
     for where, row in rows:
-        text = row["text"]
-        if not isinstance(text, str):
-            raise SafetyError(f"{where}: text {text!r} is not a string.")
-        if not text.strip():
-            raise SafetyError(f"{where}: empty text.")
+        if ("response" in row) != pairs:
+            raise SafetyError(
+                f"{where}: mixes single texts and prompt/response pairs; a set holds one kind."
+            )
+        for key in ("prompt", "response") if pairs else ("text",):
+            value = row[key]
+            if not isinstance(value, str):
+                raise SafetyError(f"{where}: {key} {value!r} is not a string.")
+            if not value.strip():
+                raise SafetyError(f"{where}: empty {key}.")
+        text = row["response"] if pairs else row["text"]
+        if pairs:
+            prompts.append(row["prompt"])
         label = _label(row["label"], where)
         category = row.get("category")
         if category is not None and not isinstance(category, str):
@@ -234,6 +259,7 @@ def read_labelled(path: str | Path, *, source: str | None = None) -> LabelledSet
         labels=np.asarray(labels, dtype=np.int64),
         categories=tuple(categories),
         source=source or str(path),
+        prompts=tuple(prompts) if pairs else None,
     )
 
 
@@ -262,13 +288,20 @@ def bundled_set_path(name: str) -> Path:
 
 
 def write_labelled(data: LabelledSet, path: str | Path) -> Path:
-    """Write `data` as JSONL (``text``, ``label``, and ``category`` where the row has one), which
-    `read_labelled` reads back to an equal set; returns the path."""
+    """Write `data` as JSONL (``text``, or ``prompt`` and ``response`` for a set of answers;
+    ``label``, and ``category`` where the row has one), which `read_labelled` reads back to an
+    equal set; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = data.prompts or (None,) * len(data)
     with path.open("w", encoding="utf-8") as f:
-        for text, label, category in zip(data.texts, data.labels, data.categories, strict=True):
-            row: dict[str, Any] = {"text": text, "label": int(label)}
+        for text, label, category, prompt in zip(
+            data.texts, data.labels, data.categories, prompts, strict=True
+        ):
+            row: dict[str, Any] = (
+                {"text": text} if prompt is None else {"prompt": prompt, "response": text}
+            )
+            row["label"] = int(label)
             if category is not None:
                 row["category"] = category
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
