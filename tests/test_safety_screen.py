@@ -223,7 +223,19 @@ def test_harmful_compliance_needs_no_refusal_and_a_flagged_answer() -> None:
     assert [r["complied"] for r in result.records] == [True, False, False, False, False]
     assert [r["refused"] for r in result.records] == [False, True, False, True, False]
     assert result.records[1]["flagged"] and result.records[0]["score"] >= lexicon.threshold
-    assert set(result.to_dict()) == {"harmful_compliance", "benign_over_refusal", "seconds"}
+    assert set(result.to_dict()) == {
+        "harmful_compliance",
+        "benign_over_refusal",
+        "harmful_answers",
+        "seconds",
+    }
+    # the refused harmful answer was flagged too: compliance moved with the filter only once
+    assert result.to_dict()["harmful_answers"] == {
+        "refused": 1,
+        "flagged_not_refused": 1,
+        "flagged_and_refused": 1,
+        "neither": 1,
+    }
 
 
 def test_score_answers_refuses_a_count_mismatch() -> None:
