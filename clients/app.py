@@ -100,10 +100,12 @@ def _evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Mess
     ledgers = SiteLedgers.open(
         cfg, context.node_config, site=data.site, fingerprint=data.fingerprint
     )
-    limits, lifetime = site_limits(cfg, context), ledgers.lifetime_history()
-    if reason := join_refusal(cfg, data, ledgers.run_state(), limits=limits, lifetime=lifetime):
-        log.warning("%s", reason)  # a run it could not train in: it answers nothing for it
-        return Message(content=w.refusal_content(data.site, reason), reply_to=msg)
+    state = ledgers.run_state()
+    if not state.history:  # its first request of this run: could it train one round of it?
+        limits, lifetime = site_limits(cfg, context), ledgers.lifetime_history()
+        if reason := join_refusal(cfg, data, state, limits=limits, lifetime=lifetime):
+            log.warning("%s", reason)  # a run it could not train in: it answers nothing
+            return Message(content=w.refusal_content(data.site, reason), reply_to=msg)
     arrays = w.record_to_arrays(msg.content[w.ARRAYS])  # plaintext: HEMod opened it
     pad = int(tokenizer.pad_token_id)
     res = run_evaluate(cfg, data, arrays, pad_token_id=pad, base_model=own)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -75,44 +74,59 @@ sys.exit(flower_supernode())
 """
 
 
+def _app_dir(
+    root: Path,
+    name: str,
+    *,
+    swap: tuple[str, str] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """An app directory: fedllm's pyproject.toml, with one component line swapped, and
+    `files` (name -> text) beside it."""
+    app = root / name
+    app.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "pyproject.toml").read_text()
+    if swap is not None:
+        assert swap[0] in text, swap[0]  # Flower's component line moved: fail, not run fedllm's
+        text = text.replace(*swap)
+    (app / "pyproject.toml").write_text(text)
+    for file, content in (files or {}).items():
+        (app / file).write_text(content)
+    return app
+
+
 def adversary_app(root: Path) -> Path:
     """An app directory whose ClientApp is `tests/adversary.py` (the ServerApp is fedllm's):
     the compromised sites' code, shipped to every SuperNode as the run's FAB."""
-    app = root / "adversary-app"
-    app.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "pyproject.toml").read_text()
-    text = text.replace('clientapp = "clients.app:app"', 'clientapp = "adversary:app"')
-    (app / "pyproject.toml").write_text(text)
-    shutil.copy(REPO / "tests" / "adversary.py", app / "adversary.py")
-    return app
+    return _app_dir(
+        root,
+        "adversary-app",
+        swap=('clientapp = "clients.app:app"', 'clientapp = "adversary:app"'),
+        files={"adversary.py": (REPO / "tests" / "adversary.py").read_text()},
+    )
 
 
 def plain_app(root: Path) -> Path:
     """An app directory holding only fedllm's pyproject.toml (its ServerApp and ClientApp
     come from the installed environment): a FAB whose hash the test knows in advance, so a
     site can pin it."""
-    app = root / "plain-app"
-    app.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
-    return app
+    return _app_dir(root, "plain-app")
 
 
 def hostile_app(root: Path, target_node: int) -> Path:
     """An app directory whose ServerApp is `tests/hostile.py` (fedllm's, sending node
     `target_node` a run name that is a path) and whose ClientApp is fedllm's: a hostile
     coordinator's FAB."""
-    app = root / "hostile-app"
-    app.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(
-        text.replace('serverapp = "server.app:app"', 'serverapp = "hostile:app"')
-    )
     code = (REPO / "tests" / "hostile.py").read_text()
     assert "\nTARGET_NODE = 0\n" in code
-    (app / "hostile.py").write_text(
-        code.replace("\nTARGET_NODE = 0\n", f"\nTARGET_NODE = {target_node}\n")
+    return _app_dir(
+        root,
+        "hostile-app",
+        swap=('serverapp = "server.app:app"', 'serverapp = "hostile:app"'),
+        files={
+            "hostile.py": code.replace("\nTARGET_NODE = 0\n", f"\nTARGET_NODE = {target_node}\n")
+        },
     )
-    return app
 
 
 def node_id(log: str) -> int:

@@ -204,7 +204,6 @@ class GateDecision:
     rise_points: float
     rise_ci95_points: tuple[float, float]
     max_rise_points: float
-    detectable_rise_points: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,7 +214,6 @@ class GateDecision:
             "rise_points": self.rise_points,
             "rise_ci95_points": list(self.rise_ci95_points),
             "max_rise_points": self.max_rise_points,
-            "detectable_rise_points": self.detectable_rise_points,
         }
 
 
@@ -233,8 +231,8 @@ def gate(base: Rate, rate: Rate, max_rise_points: float) -> GateDecision:
     Returns
     -------
     GateDecision
-        `tripped`, the rise and its interval in points, and the smallest rise these probes
-        could detect at all (`detectable_rise`).
+        `tripped`, and the rise and its interval in points. The smallest rise these probes
+        could detect at all depends on the base alone: `detectable_rise`.
     """
     if max_rise_points < 0:
         raise ValueError(f"the allowed rise must be >= 0 points, got {max_rise_points}.")
@@ -252,7 +250,6 @@ def gate(base: Rate, rate: Rate, max_rise_points: float) -> GateDecision:
         rise_points=100.0 * (rate.rate - base.rate),
         rise_ci95_points=(100.0 * low, 100.0 * high),
         max_rise_points=max_rise_points,
-        detectable_rise_points=detectable_rise(base, max_rise_points),
     )
 
 

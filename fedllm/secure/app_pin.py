@@ -90,8 +90,10 @@ def install_pin(allowed: frozenset[str]) -> None:
     import flwr.supernode.start_client_internal as sci
 
     original: Callable[..., Any] = sci._pull_and_store_message
-    params = inspect.signature(original).parameters
-    if not {"get_fab", "trusted_entities"} <= set(params) or not hasattr(sci, "_verify_fab"):
+    signature = inspect.signature(original)
+    if not {"get_fab", "trusted_entities"} <= set(signature.parameters) or not hasattr(
+        sci, "_verify_fab"
+    ):
         raise ConfigError(
             "this Flower's SuperNode no longer fetches a run's FAB the way fedllm's app pin "
             "checks it (flwr.supernode.start_client_internal changed); refusing to start "
@@ -99,7 +101,7 @@ def install_pin(allowed: frozenset[str]) -> None:
         )
 
     def pull(*args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         get_fab = bound.arguments["get_fab"]
         bound.arguments["get_fab"] = lambda fab_hash, run_id: pinned_fab(
             get_fab(fab_hash, run_id), allowed, run_id

@@ -5,7 +5,8 @@ more than `safety.gate-max-rise` points with 95% confidence (the lower end of th
 Newcombe interval; 0, the default, trips on any rise the probes can tell from noise), the
 round is rolled back (the previous adapter and the server optimiser's state are kept; the
 sites' privacy spend stays in the ledger), stopped, or only recorded. Each round's record
-says the rise, its interval, and the smallest rise these probes could detect at all."""
+says the rise and its interval; the smallest rise these probes could detect at all is
+computed once, from the base model's rate."""
 
 from __future__ import annotations
 
