@@ -30,7 +30,7 @@ from benchmarks.provenance import BenchmarkRun  # noqa: E402
 RUN_NAME = "quickstart"
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
     """Run `cmd` in the checkout, its output streamed to the terminal and to `log`."""
     t = time.monotonic()
     with log.open("w") as sink:
@@ -57,7 +57,7 @@ def main() -> None:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home")}
     fedllm = str(Path(sys.executable).with_name("fedllm"))
     flwr = str(Path(sys.executable).with_name("flwr"))
-    code, _ = _run(
+    code, _ = run_logged(
         [fedllm, "federation", "setup", "--sites", "3", "--cpus", "2"], env, work / "setup.log"
     )
     if code:
@@ -65,7 +65,7 @@ def main() -> None:
     outputs = work / "outputs"
     overrides = f"run.name='{RUN_NAME}' run.output-dir='{outputs}'"
     command = [flwr, "run", ".", "--stream", "--run-config", overrides]
-    code, wall = _run(command, env, work / "flwr-run.log")
+    code, wall = run_logged(command, env, work / "flwr-run.log")
     run_dir = outputs / RUN_NAME
     summary_file = run_dir / "summary.json"
     if code or not summary_file.is_file():

@@ -87,17 +87,11 @@ class _Recording:
         return out
 
 
-def _measure(safety_filter: Any, data: Any, *, bootstrap: int, batch_size: int) -> dict[str, Any]:
-    from fedllm.safety.evaluation import evaluate_filter
-
-    recording = _Recording(safety_filter)
-    result = evaluate_filter(
-        recording, data, bootstrap=bootstrap, target_fpr=0.05, batch_size=batch_size
-    )
-    scores = np.concatenate(recording.harm)
-    summary: dict[str, Any] = {
-        k: result[k] for k in ("filter", "data", "n", "positives", "negatives", "threshold")
-    }
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """What a benchmark keeps of an `evaluate_filter` result: overall metrics and counts,
+    the threshold at the target FPR, and per category AUROC, recall and look-alike FPR."""
+    keys = ("filter", "data", "scored", "n", "positives", "negatives", "threshold")
+    summary: dict[str, Any] = {k: result[k] for k in keys}
     summary["metrics"] = result["overall"]["metrics"]
     summary["counts"] = result["overall"]["counts"]
     summary["target_fpr"] = result["target_fpr"]
@@ -111,6 +105,18 @@ def _measure(safety_filter: Any, data: Any, *, bootstrap: int, batch_size: int) 
         }
         for name, cat in result["categories"].items()
     }
+    return summary
+
+
+def _measure(safety_filter: Any, data: Any, *, bootstrap: int, batch_size: int) -> dict[str, Any]:
+    from fedllm.safety.evaluation import evaluate_filter
+
+    recording = _Recording(safety_filter)
+    result = evaluate_filter(
+        recording, data, bootstrap=bootstrap, target_fpr=0.05, batch_size=batch_size
+    )
+    scores = np.concatenate(recording.harm)
+    summary = summarise(result)
     thresholds = {"at_filter_threshold": float(safety_filter.threshold)}
     at_target = result["target_fpr"]["threshold"]
     if at_target is not None and np.isfinite(at_target):

@@ -21,9 +21,9 @@ from fedllm.safety.bundled import (
     dna_category,
     normalise,
 )
-from fedllm.safety.labelled import load_labelled, read_labelled
+from fedllm.safety.labelled import LabelledSet, load_labelled, read_labelled
 
-SETS = ("probes", "test", "train")
+SETS = ("answers", "probes", "probes-fast", "test", "train")
 
 
 def _pinned_sources_installed() -> bool:
@@ -51,7 +51,10 @@ def test_bundled_sets_are_listed_and_located() -> None:
 
 def test_unknown_bundled_set_lists_the_known_ones() -> None:
     """A typo in bundled:NAME is answered with the real names."""
-    with pytest.raises(SafetyError, match="unknown bundled set 'tets'; known sets: probes, test"):
+    with pytest.raises(
+        SafetyError,
+        match="unknown bundled set 'tets'; known sets: answers, probes, probes-fast, test, train",
+    ):
         load_labelled("bundled:tets")
 
 
@@ -63,14 +66,18 @@ def test_bundled_sets_read_back_with_both_classes(name: str) -> None:
     assert 0 < data.positives < len(data)
 
 
-def test_probes_are_24_harmful_and_24_benign_with_contrast_prompts() -> None:
-    """The round screening's probe set: 24 of each, 12 benign ones only sound harmful."""
+def test_probes_are_200_harmful_and_200_benign_and_the_fast_subset_leads_them() -> None:
+    """The full probe set: 200 of each, 36 benign ones only sound harmful; probes-fast is its
+    first 48 rows (24 of each, 12 contrast prompts), what screening uses by default."""
     probes = read_labelled(bundled_set_path("probes"))
-    benign_categorised = [
-        c for c, y in zip(probes.categories, probes.labels, strict=True) if y == 0 and c
-    ]
-    assert probes.positives == 24 and len(probes) == 48
-    assert len(benign_categorised) == 12
+    fast = read_labelled(bundled_set_path("probes-fast"))
+
+    def contrast(data: LabelledSet) -> int:
+        return sum(1 for c, y in zip(data.categories, data.labels, strict=True) if y == 0 and c)
+
+    assert probes.positives == 200 and len(probes) == 400 and contrast(probes) == 36
+    assert fast.texts == probes.texts[:48]
+    assert fast.positives == 24 and len(fast) == 48 and contrast(fast) == 12
 
 
 def test_no_text_is_shared_between_sets() -> None:
@@ -160,9 +167,10 @@ def test_committed_sets_match_a_rebuild() -> None:
 
 @needs_sources
 def test_build_sets_writes_every_set(tmp_path) -> None:
-    """A rebuild into another folder writes the three sets and the manifest."""
+    """A rebuild into another folder writes the four sets and the manifest."""
     assert main(["safety", "build-sets", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "probes-fast.jsonl",
         "probes.jsonl",
         "sets.json",
         "test.jsonl",

@@ -81,6 +81,7 @@ def filter_specs(tiny_classifier_dir: str, tiny_model_dir: pathlib.Path) -> dict
     return {
         "lexicon": "lexicon",
         "embedding": "embedding",
+        "response": "response",
         "hf": f"hf:{tiny_classifier_dir}",
         "guard": f"guard:{tiny_model_dir}",
         "judge": f"judge:{tiny_model_dir}",
@@ -105,7 +106,7 @@ def test_every_registered_filter_has_a_contract_case(filter_specs: dict[str, str
     assert set(filter_specs) == set(known_filters())
 
 
-@pytest.mark.parametrize("name", ["lexicon", "embedding", "hf", "guard", "judge"])
+@pytest.mark.parametrize("name", ["lexicon", "embedding", "response", "hf", "guard", "judge"])
 def test_filter_meets_the_contract(name: str, built_filters: Callable[[str], SafetyFilter]) -> None:
     """Scores in [0, 1], one per text, categories among the declared ones, the same in any
     batch size, repeatable, and an empty batch gives an empty result."""
@@ -577,5 +578,5 @@ def test_a_folder_that_is_not_a_head_is_refused(tmp_path: pathlib.Path) -> None:
         tmp_path
     )
     (tmp_path / "head.json").write_text('{"format": "fedllm-embedding-head"}')
-    with pytest.raises(SafetyError, match=f"embedding head {tmp_path} is not a fedllm embedding"):
+    with pytest.raises(SafetyError, match=f"{tmp_path} is not a fedllm-embedding-head"):
         create_filter(f"embedding:{tmp_path}")

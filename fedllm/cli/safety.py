@@ -74,16 +74,30 @@ def cmd_safety_train(args: argparse.Namespace) -> int:
     # heavy: the safety modules (numpy) take ~0.5 s to import; keeps `fedllm --help` fast
     from fedllm.safety.embedding import train_embedding_filter
     from fedllm.safety.labelled import load_labelled
+    from fedllm.safety.response import train_response_filter
 
     data = load_labelled(args.data)
-    trained = train_embedding_filter(data, args.out, seed=args.seed, device=args.device)
+    pairs = data.prompts is not None  # a set of answers trains the response filter
+    train = train_response_filter if pairs else train_embedding_filter
+    trained = train(data, args.out, seed=args.seed, device=args.device)
     info = trained.heads.info
     print(
         f"trained on {info['rows']} rows ({info['harmful']} harmful): C={info['C']:.3g}, "
         f"cross-validated AUROC {info['cv_auroc']:.3f}; categories: "
         f"{', '.join(trained.categories) or 'none'}"
     )
-    print(f"wrote {args.out}; use it with --filter embedding:{args.out}")
+    print(
+        f"wrote {args.out}; use it with --filter {'response' if pairs else 'embedding'}:{args.out}"
+    )
+    return 0
+
+
+def cmd_safety_build_answers(args: argparse.Namespace) -> int:
+    # heavy: generating answers loads the embedded model (torch, transformers)
+    from fedllm.safety.answers import write_answers
+    from fedllm.safety.labelled import DATA_DIR
+
+    print(f"answers: {write_answers(args.out or DATA_DIR)}")
     return 0
 
 
@@ -121,7 +135,11 @@ def add_parsers(sub: Any) -> None:
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(func=cmd_safety_eval)
 
-    tr = safety_sub.add_parser("train", help="train and save the embedding classifier's head")
+    tr = safety_sub.add_parser(
+        "train",
+        help="train and save an embedding head: on texts the prompt filter, on answers "
+        "(prompt,response,label) the response filter",
+    )
     tr.add_argument("--data", required=True, help="a CSV/JSONL file or bundled:NAME")
     tr.add_argument("--out", required=True, help="directory for head.json + head.safetensors")
     tr.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
@@ -132,3 +150,10 @@ def add_parsers(sub: Any) -> None:
     bs.add_argument("--check", action="store_true", help="only verify the committed files")
     bs.add_argument("--out", help="directory (default: the package's fedllm/safety/data)")
     bs.set_defaults(func=cmd_safety_build_sets)
+
+    ba = safety_sub.add_parser(
+        "build-answers",
+        help="make the labelled answer set the response filter trains on (runs the embedded model)",
+    )
+    ba.add_argument("--out", help="directory (default: the package's fedllm/safety/data)")
+    ba.set_defaults(func=cmd_safety_build_answers)

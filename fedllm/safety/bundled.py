@@ -11,7 +11,10 @@ under which licence, and how it was transformed. The sets:
 - ``test``: the cross-source test set: no source in common with ``train`` except the other half
   of the contrast prompts. Harmful: Do-Not-Answer's prompts whose intents name a content harm.
   Benign: chatterbot-corpus topics B and the other contrast half.
-- ``probes``: the prompts the round screening puts to the global model; held out of both.
+- ``probes``: the prompts the round screening puts to the global model (200 harmful, 200
+  benign of which 36 only sound harmful); held out of both.
+- ``probes-fast``: its first 48 rows (12 per source), the fixed subset for screening every
+  round on a CPU.
 
 Harmful rows carry a harm category; contrast rows carry the category they only sound like, so
 per-category metrics measure over-blocking where it happens; other benign rows have none.
@@ -100,7 +103,11 @@ DNA_FILES = (
     "malicious_uses",
     "misinformation_harms",
 )
-PROBES_PER_SOURCE = 12
+PROBES_PER_SOURCE = 12  # the fast subset: 12 from each of four sources
+# The full probe set adds, from the test pools only (so train, and the shipped heads, keep
+# every row): Do-Not-Answer harmful prompts, chatterbot topics B and contrast prompts of the
+# test half, to 200 harmful and 200 benign.
+EXTRA_PROBES = {"donotanswer": 176, "chatterbot_b": 152, "contrast": 24}
 
 
 def normalise(text: str) -> str:
@@ -239,18 +246,25 @@ def _take_probes(rows: list[_Row], n: int) -> tuple[list[_Row], list[_Row]]:
 
 
 def _split_contrast(
-    rows: list[tuple[_Row, str]], n_probes: int
-) -> tuple[list[_Row], list[_Row], list[_Row]]:
+    rows: list[tuple[_Row, str]], n_probes: int, n_extra: int
+) -> tuple[list[_Row], list[_Row], list[_Row], list[_Row]]:
     """Probes first (SHA-256 order), then alternate train/test within each contrast type, so
-    both halves hold every kind of "sounds harmful" (homonyms, figurative speech, ...)."""
+    both halves hold every kind of "sounds harmful" (homonyms, figurative speech, ...); then
+    `n_extra` more probes from the test half, one type after another, so each type keeps at
+    least one test row."""
     probes, rest = _take_probes([r for r, _ in rows], n_probes)
     kind = {r.text: t for r, t in rows}
-    train, test = [], []
+    train, groups = [], []
     for t in sorted({kind[r.text] for r in rest}):
         group = sorted((r for r in rest if kind[r.text] == t), key=lambda r: _key(r.text))
         train += group[0::2]
-        test += group[1::2]
-    return train, test, probes
+        groups.append(group[1::2])
+    extra: list[_Row] = []
+    while len(extra) < n_extra and any(len(g) > 1 for g in groups):
+        for g in groups:
+            if len(g) > 1 and len(extra) < n_extra:
+                extra.append(g.pop(0))
+    return train, [r for g in groups for r in g], probes, extra
 
 
 def _to_set(rows: list[_Row], name: str) -> LabelledSet:
@@ -304,12 +318,18 @@ def build_sets() -> tuple[dict[str, LabelledSet], dict[str, dict]]:
     probe_keys = {_key(r.text) for r in probe_chat}
     train_benign = [r for r in chat_train if _key(r.text) not in probe_keys] + normal
     test_benign = [r for r in chat_test if _key(r.text) not in probe_keys]
-    contrast_train, contrast_test, contrast_probes = _split_contrast(contrast, PROBES_PER_SOURCE)
+    contrast_train, contrast_test, contrast_probes, more_contrast = _split_contrast(
+        contrast, PROBES_PER_SOURCE, EXTRA_PROBES["contrast"]
+    )
+    fast = probe_harm_a + probe_harm_b + probe_chat + contrast_probes
+    more_harm, test_harm = _take_probes(test_harm, EXTRA_PROBES["donotanswer"])
+    more_chat, test_benign = _take_probes(test_benign, EXTRA_PROBES["chatterbot_b"])
 
     rows = {
         "train": train_harm + train_benign + contrast_train,
         "test": test_harm + test_benign + contrast_test,
-        "probes": probe_harm_a + probe_harm_b + probe_chat + contrast_probes,
+        "probes": fast + more_harm + more_chat + more_contrast,
+        "probes-fast": fast,
     }
     manifest = {
         name: {

@@ -37,11 +37,12 @@ class SafetyConfig:
     filter: str = field(
         default="lexicon",
         metadata=field_help(
-            "safety filter: lexicon, embedding[:DIR], hf:ID, guard:ID, judge:MODEL"
+            "safety filter: lexicon, response[:DIR] (answer judged with its prompt), "
+            "embedding[:DIR], hf:ID, guard:ID, judge:MODEL"
         ),
     )
     probes: str = field(
-        default="bundled:probes",
+        default="bundled:probes-fast",
         metadata=field_help("probe prompts: bundled:NAME or a CSV/JSONL file (label 1 = harmful)"),
     )
     max_probes: int = field(

@@ -40,8 +40,10 @@ __all__ = [
     "default_embedder_dir",
     "file_sha256",
     "fit_heads",
+    "fitting_context",
     "head_scores",
     "train_embedding_filter",
+    "training_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,6 +220,9 @@ class EmbeddingFilter:
         What reports call the filter.
     """
 
+    FORMAT = FORMAT  # what head.json says; a subclass fitted on other features has its own
+    BUNDLED = BUNDLED_HEAD
+
     def __init__(
         self,
         heads: Heads,
@@ -275,7 +280,11 @@ class EmbeddingFilter:
 
     def score(self, texts: Sequence[str], *, batch_size: int = 32) -> FilterScores:
         """Harm probability from the harm head; categories from the category head."""
-        harm, categories = head_scores(self.heads, self.embed(texts, batch_size=batch_size))
+        return self.score_embeddings(self.embed(texts, batch_size=batch_size))
+
+    def score_embeddings(self, features: np.ndarray) -> FilterScores:
+        """Scores for rows of already computed features (what the heads were fitted on)."""
+        harm, categories = head_scores(self.heads, features)
         return FilterScores(harm=harm, categories=categories)
 
     def save(self, out_dir: str | Path) -> Path:
@@ -295,7 +304,7 @@ class EmbeddingFilter:
             self.embedder_dir.resolve()
         )
         meta = {
-            "format": FORMAT,
+            "format": self.FORMAT,
             "version": 1,
             "embedder": {
                 "name": EMBEDDER_NAME if from_package else self.embedder_dir.name,
@@ -317,7 +326,7 @@ class EmbeddingFilter:
         cls, head_dir: str | Path | None = None, *, device: str = "auto", name: str = "embedding"
     ) -> EmbeddingFilter:
         """Read a head saved by `save` (default: the bundled head, `BUNDLED_HEAD`)."""
-        head_dir = Path(head_dir) if head_dir is not None else BUNDLED_HEAD
+        head_dir = Path(head_dir) if head_dir is not None else cls.BUNDLED
         meta_path, tensor_path = head_dir / HEAD_JSON, head_dir / HEAD_TENSORS
         if not meta_path.is_file() or not tensor_path.is_file():
             raise SafetyError(
@@ -332,13 +341,13 @@ class EmbeddingFilter:
         meta = meta if isinstance(meta, dict) else {}
         embedder = meta.get("embedder")
         if (
-            meta.get("format") != FORMAT
+            meta.get("format") != cls.FORMAT
             or "harm.weight" not in tensors
             or not isinstance(embedder, dict)
             or not embedder.get("model_safetensors_sha256")
             or not (embedder.get("package") or embedder.get("path"))
         ):
-            raise SafetyError(f"embedding head {head_dir} is not a fedllm embedding head.")
+            raise SafetyError(f"{head_dir} is not a {cls.FORMAT} (its head.json says otherwise).")
         embedder_dir = default_embedder_dir() if embedder.get("package") else Path(embedder["path"])
         categories = tuple(meta.get("categories", ()))
         heads = Heads(
@@ -372,6 +381,34 @@ def _check_trainable(data: LabelledSet) -> None:
         )
 
 
+def fitting_context(
+    data: LabelledSet, cls: type[EmbeddingFilter], device: str, embedder_dir: str | Path | None
+) -> tuple[EmbeddingFilter, str, Path]:
+    """What every head's training starts from: `data` checked, and a headless filter of
+    `cls` (to embed with), the embedding model's SHA-256 and its folder."""
+    _check_trainable(data)
+    embedder = Path(embedder_dir) if embedder_dir is not None else default_embedder_dir()
+    digest = file_sha256(_weights_file(embedder))
+    untrained = cls(
+        Heads(np.zeros(1), 0.0), embedder_dir=embedder, embedder_sha256=digest, device=device
+    )
+    return untrained, digest, embedder
+
+
+def training_info(data: LabelledSet, seed: int) -> dict[str, Any]:
+    """How a head was trained, for its head.json: the data, its digest and the versions."""
+    return {
+        "data": data.source,
+        "rows": len(data),
+        "harmful": data.positives,
+        "texts_sha256": hashlib.sha256("\n".join(data.texts).encode()).hexdigest(),
+        "seed": seed,
+        "model": "LogisticRegressionCV(l2, class_weight=balanced, 5-fold AUROC)",
+        "scikit_learn": importlib.metadata.version("scikit-learn"),
+        "sentence_transformers": importlib.metadata.version("sentence-transformers"),
+    }
+
+
 def train_embedding_filter(
     data: LabelledSet,
     out_dir: str | Path | None = None,
@@ -403,26 +440,10 @@ def train_embedding_filter(
     EmbeddingFilter
         The trained filter, ready to score.
     """
-    _check_trainable(data)
-    embedder = Path(embedder_dir) if embedder_dir is not None else default_embedder_dir()
-    digest = file_sha256(_weights_file(embedder))
-    untrained = EmbeddingFilter(
-        Heads(np.zeros(1), 0.0), embedder_dir=embedder, embedder_sha256=digest, device=device
-    )
+    untrained, digest, embedder = fitting_context(data, EmbeddingFilter, device, embedder_dir)
     x = untrained.embed(data.texts, batch_size=batch_size)
     heads = fit_heads(x, data.labels, data.categories, seed=seed)
-    heads.info.update(
-        {
-            "data": data.source,
-            "rows": len(data),
-            "harmful": data.positives,
-            "texts_sha256": hashlib.sha256("\n".join(data.texts).encode()).hexdigest(),
-            "seed": seed,
-            "model": "LogisticRegressionCV(l2, class_weight=balanced, 5-fold AUROC)",
-            "scikit_learn": importlib.metadata.version("scikit-learn"),
-            "sentence_transformers": importlib.metadata.version("sentence-transformers"),
-        }
-    )
+    heads.info.update(training_info(data, seed))
     trained = EmbeddingFilter(heads, embedder_dir=embedder, embedder_sha256=digest, device=device)
     trained._model = untrained._model  # already loaded and checked
     if out_dir is not None:

@@ -6,6 +6,9 @@ Built-in names (the argument after the first colon):
   lexicon or a custom JSON file;
 - ``embedding`` / ``embedding:DIR``: the sentence-embedding classifier
   (`fedllm.safety.embedding`), the bundled head or one saved by ``fedllm safety train``;
+- ``response`` / ``response:DIR``: the response filter (`fedllm.safety.response`), which
+  judges an answer with its prompt (the bundled head, or one saved by ``fedllm safety train``
+  on a set of answers); single texts go to the bundled embedding head;
 - ``hf:ID_OR_PATH[#LABEL,...]``: a Hugging Face sequence classifier; after ``#``, the labels
   that mean harm when the default rule (`fedllm.safety.hf_classifier`) does not fit;
 - ``guard:ID_OR_PATH``: a Llama Guard style guard LLM;
@@ -25,6 +28,7 @@ from fedllm.safety.embedding import EmbeddingFilter
 from fedllm.safety.hf_classifier import GuardFilter, HFClassifierFilter
 from fedllm.safety.judge import JudgeFilter
 from fedllm.safety.lexicon import LexiconFilter
+from fedllm.safety.response import ResponseFilter
 
 __all__ = ["FilterFactory", "create_filter", "known_filters", "register_filter"]
 
@@ -97,6 +101,10 @@ def _embedding(arg: str | None, device: str) -> SafetyFilter:
     return EmbeddingFilter.load(arg, device=device, name=f"embedding:{arg}" if arg else "embedding")
 
 
+def _response(arg: str | None, device: str) -> SafetyFilter:
+    return ResponseFilter.load(arg, device=device, name=f"response:{arg}" if arg else "response")
+
+
 def _hf(arg: str | None, device: str) -> SafetyFilter:
     ref, _, labels = _required("hf", arg, "model").partition("#")
     names = [n for n in labels.split(",") if n.strip()]
@@ -117,5 +125,6 @@ for _name, _factory in (
     ("hf", _hf),
     ("judge", _judge),
     ("lexicon", _lexicon),
+    ("response", _response),
 ):
     register_filter(_name, _factory)

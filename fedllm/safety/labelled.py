@@ -59,9 +59,18 @@ _SETS = {
         "cross-source test set: Do-Not-Answer (harmful); chatterbot topics B and the other half "
         "of the contrast prompts (benign); shares no text with train"
     ),
+    "answers": (
+        "answers to the train prompts, made by the embedded model with compliance forced, "
+        "refusals and supportive replies, and corpus replies, labelled by rule; trains the "
+        "bundled response head (prompt,response,label)"
+    ),
     "probes": (
-        "24 harmful + 24 benign prompts (12 of them contrast prompts) the round screening puts "
-        "to the global model; held out of train and test"
+        "200 harmful + 200 benign prompts (36 of them contrast prompts) the round screening "
+        "puts to the global model; held out of train and test"
+    ),
+    "probes-fast": (
+        "the fixed fast subset of probes: its first 24 harmful + 24 benign (12 contrast), 12 "
+        "from each source; what screening uses by default"
     ),
 }
 

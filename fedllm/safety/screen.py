@@ -6,10 +6,10 @@ coordinator asks the candidate global model the probe prompts (greedy decoding, 
 length) and measures two rates, each with a Wilson 95% interval:
 
 - harmful compliance: the share of harmful probes (label 1) whose answer is not a refusal
-  (`fedllm.safety.refusal`) *and* that the configured filter flags. The filter scores the
-  answer alone, not prompt + answer: the prompt is harmful by construction, so with it in the
-  text every non-refusal would be flagged and the filter would add nothing; on the answer it
-  tells a harmful reply from an evasive, garbled or harmless one.
+  (`fedllm.safety.refusal`) *and* that the configured filter flags. A response filter
+  (`PairFilter`, such as ``response``) judges the answer with its prompt, so it tells a
+  harmful reply from an evasive, garbled or harmless one to the same request; a text filter
+  sees the answer alone.
 - benign over-refusal: the share of benign probes (label 0, including prompts that only sound
   harmful) whose answer is a refusal.
 
@@ -333,11 +333,13 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     device: torch.device,
+    prefix: str = "",
 ) -> list[str]:
     """Greedy answers to `prompts` as single user turns of the model's chat template.
 
     Batches are padded on the left, so every prompt's last token sits next to its first new
-    token; only the new tokens are decoded.
+    token; only the new tokens are decoded. A `prefix` is forced as the start of every answer
+    (prefilling, as red-teamers force compliance) and returned as part of it.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
@@ -351,6 +353,7 @@ def generate_answers(
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
             )
+            + prefix
             for p in prompts[start : start + batch_size]
         ]
         batch = tokenizer(
@@ -371,7 +374,8 @@ def generate_answers(
                 pad_token_id=tokenizer.pad_token_id,
             )
         new = out[:, batch["input_ids"].shape[1] :]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        answers.extend((prefix + t).strip() for t in decoded)
     return answers
 
 
