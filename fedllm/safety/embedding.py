@@ -222,6 +222,7 @@ class EmbeddingFilter:
 
     FORMAT = FORMAT  # what head.json says; a subclass fitted on other features has its own
     BUNDLED = BUNDLED_HEAD
+    EMBEDDINGS_PER_ROW = 1  # embeddings the head reads per scored row (a pair filter: more)
 
     def __init__(
         self,
@@ -267,8 +268,8 @@ class EmbeddingFilter:
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Unit-length sentence embeddings, (n, d) float64."""
-        if not texts:
-            return np.zeros((0, self.heads.harm_weight.size))
+        if not texts:  # no model call; the width is the embedding's, which the head implies
+            return np.zeros((0, self.heads.harm_weight.size // self.EMBEDDINGS_PER_ROW))
         vectors = self._embedder().encode(
             list(texts),
             batch_size=batch_size,

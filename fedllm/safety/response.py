@@ -43,6 +43,7 @@ class ResponseFilter(EmbeddingFilter):
 
     FORMAT = "fedllm-response-head"
     BUNDLED = BUNDLED_RESPONSE_HEAD
+    EMBEDDINGS_PER_ROW = 3  # pair_features: [a, p*a, p]
 
     _text: EmbeddingFilter | None = None
 
@@ -59,10 +60,7 @@ class ResponseFilter(EmbeddingFilter):
 
     def score(self, texts: Sequence[str], *, batch_size: int = 32) -> FilterScores:
         """Single texts: the bundled prompt head, over this filter's (shared) embeddings."""
-        text = self._text_filter()
-        if not texts:
-            return text.score_embeddings(np.zeros((0, text.heads.harm_weight.size)))
-        return text.score_embeddings(self.embed(texts, batch_size=batch_size))
+        return self._text_filter().score_embeddings(self.embed(texts, batch_size=batch_size))
 
     def score_pairs(
         self, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 32
@@ -70,8 +68,6 @@ class ResponseFilter(EmbeddingFilter):
         """Each answer judged with its prompt."""
         if len(prompts) != len(answers):
             raise SafetyError(f"{len(prompts)} prompts for {len(answers)} answers.")
-        if not answers:
-            return self.score_embeddings(np.zeros((0, self.heads.harm_weight.size)))
         p = self.embed(prompts, batch_size=batch_size)
         a = self.embed(answers, batch_size=batch_size)
         return self.score_embeddings(pair_features(p, a))
