@@ -30,6 +30,7 @@ from fedllm.privacy.config import PrivacyConfig
 from fedllm.safety.config import SafetyConfig
 from fedllm.secure.config import HEConfig, SecurityConfig
 from fedllm.strategy.config import ValidateConfig
+from fedllm.strategy.flower import ROBUST_STRATEGIES
 from fedllm.strategy.flower import STRATEGIES as FLOWER_STRATEGIES
 
 __all__ = [
@@ -250,8 +251,40 @@ class StrategyConfig:
             SECURE_AGGREGATION,
         ),
     )
+    norm_bound: float = field(
+        default=0.0,
+        metadata=field_help(
+            "clip each site's update (its adapter minus the global one) to this L2 norm before "
+            "any rule aggregates it; 0: off"
+        ),
+    )
+    trim_beta: float = field(
+        default=0.2,
+        metadata=field_help("FedTrimmedAvg: share of updates cut at each end, per coordinate"),
+    )
+    tolerated_sites: int = field(
+        default=1,
+        metadata=field_help("Krum, MultiKrum, Bulyan: hostile sites a round must tolerate"),
+    )
+    krum_select: int = field(
+        default=0,
+        metadata=field_help(
+            "MultiKrum: updates averaged; 0: the sites sampled minus strategy.tolerated-sites"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        require(self.norm_bound >= 0, "strategy.norm-bound", self.norm_bound, "must be >= 0")
+        require(
+            0 <= self.trim_beta < 0.5, "strategy.trim-beta", self.trim_beta, "must be in [0, 0.5)"
+        )
+        require(
+            self.tolerated_sites >= 0,
+            "strategy.tolerated-sites",
+            self.tolerated_sites,
+            "must be >= 0",
+        )
+        require(self.krum_select >= 0, "strategy.krum-select", self.krum_select, "must be >= 0")
         require(
             0 < self.fraction_train <= 1,
             "strategy.fraction-train",
@@ -414,6 +447,31 @@ def _check_cross_section(cfg: FedllmConfig) -> None:
         _check_he(cfg)
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu == 0:
         raise ConfigError("config key 'strategy.proximal-mu' = 0.0 makes FedProx plain FedAvg.")
+    if cfg.strategy.name == "fedtrimmedavg" and cfg.strategy.trim_beta == 0:
+        raise ConfigError(
+            "config key 'strategy.trim-beta' = 0.0 makes FedTrimmedAvg plain (unweighted) "
+            "averaging: it trims nothing."
+        )
+    _check_robust_with_user_dp(cfg)
+
+
+def _check_robust_with_user_dp(cfg: FedllmConfig) -> None:
+    """What user-level DP-FedAvg accounts is one Gaussian noise draw on the sum of clipped
+    updates (sensitivity: the clip norm). A robust rule over the sites' individual updates
+    is a different mechanism whose sensitivity nobody has accounted, so it is refused; a
+    norm bound is a second clip before the noise (sensitivity at most the clip norm, still
+    what is accounted), so it is allowed."""
+    name = cfg.strategy.name
+    if name not in ROBUST_STRATEGIES:
+        return
+    if cfg.privacy.user_level or cfg.audit.canary_clients:
+        why = "privacy.mode includes 'user'" if cfg.privacy.user_level else "audit.canary-clients"
+        raise ConfigError(
+            f"'strategy.name' = {name!r} with {why}: user-level DP releases one noisy sum of "
+            f"clipped updates, and a {name} over each site's update is not the mechanism its "
+            "accountant assumes; use 'strategy.norm-bound' (a clip before the noise) with "
+            "'fedavg', or record-level DP (under which every rule is post-processing)."
+        )
 
 
 def _check_he(cfg: FedllmConfig) -> None:
@@ -434,6 +492,12 @@ def _check_he(cfg: FedllmConfig) -> None:
             f"'safety.screen-every' = {cfg.safety.screen_every} screens the global model at the "
             "coordinator, which under HE holds only ciphertexts; set it to 0 (site-data "
             "screening, 'safety.screen-site-data', still works)"
+        )
+    elif cfg.strategy.norm_bound:
+        why = (
+            f"'strategy.norm-bound' = {cfg.strategy.norm_bound:g} clips each site's update at "
+            "the coordinator, which under HE sees only the encrypted sum; set it to 0 (with "
+            "user-level DP each site clips its own update to 'privacy.user-clip')"
         )
     elif cfg.audit.canary_clients or cfg.audit.at_site:
         why = "audit.* canaries need the final adapter in plaintext at the auditor"
@@ -460,6 +524,10 @@ LATE_KEYS = {
     ("data", "split"): "permutation",  # older runs split so; new ones default to "hash"
     ("security", "coordinator_key"): "keys/pki/superlink/coordinator.key",
     ("security", "coordinator_public_key"): "keys/pki/coordinator.pub",
+    ("strategy", "norm_bound"): 0.0,
+    ("strategy", "trim_beta"): 0.2,
+    ("strategy", "tolerated_sites"): 1,
+    ("strategy", "krum_select"): 0,
 }
 
 

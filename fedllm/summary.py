@@ -75,6 +75,8 @@ SUMMARY_KEYS = (
     "failures",
     "participation",
     "validation",
+    "norm_bound",
+    "robust_aggregation",
     "security",
     "safety",
     "adapter",
@@ -88,6 +90,8 @@ SECTION_DEFAULTS: dict[str, Any] = {
     "security": None,
     "safety": None,
     "validation": None,
+    "norm_bound": None,
+    "robust_aggregation": None,
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.accounting import MECHANISMS
@@ -46,6 +46,7 @@ __all__ = [
     "record_bytes",
     "record_to_arrays",
     "record_to_ciphertexts",
+    "with_arrays",
     "refusal_content",
     "refusal_reason",
     "reply_site",
@@ -123,6 +124,13 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return OrderedDict((name, arr.numpy()) for name, arr in record.items())
+
+
+def with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
+    """`reply` with its update replaced by `arrays` (every other record and the metadata
+    kept), for a stage that changes an update before the stages further in see it."""
+    content = RecordDict({**reply.content, ARRAYS: arrays_to_record(arrays)})
+    return Message(content=content, metadata=reply.metadata)
 
 
 def ciphertexts_to_record(blobs: list[bytes]) -> ArrayRecord:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -16,9 +16,21 @@ from fedllm.model import adapter_spec
 from fedllm.rundir import RunDir
 from fedllm.secure.he import PUBLIC_CONTEXT, SECRET_CONTEXT
 from fedllm.strategy.loop import FederatedRun
-from fedllm.wire import ARRAYS
+from fedllm.wire import ARRAYS, METRICS, arrays_to_record
+from tests.replies import mock_reply
 
-__all__ = ["Recorder", "coordinator_run", "he_settings"]
+__all__ = [
+    "TRAIN_EXAMPLES",
+    "Recorder",
+    "coordinator_run",
+    "he_settings",
+    "seeded_run",
+    "train_metrics",
+    "train_reply",
+]
+
+TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
+EVAL_FIGURES = {"num-examples": 8, "eval-loss": 2.0, "perplexity": 7.4, "eval-tokens": 64}
 
 
 def he_settings(keys: Path) -> dict[str, str]:
@@ -51,6 +63,42 @@ def coordinator_run(
         run.strategy = run.pipeline.build()
         run.pipeline.begin()
     return run
+
+
+def seeded_run(
+    tiny_model_dir: Path, tmp_path: Path, *, sites: int = 3, **extra: Any
+) -> FederatedRun:
+    """A built, begun run whose `sites` sites each evaluated the initial adapter and reported
+    `TRAIN_EXAMPLES` training examples (round 0, which fixes each site's weight ceiling)."""
+    overrides = {"run.min-sites": 1, "privacy.mode": "none", **extra}
+    run = coordinator_run(tiny_model_dir, tmp_path, num_sites=sites, build=False, **overrides)
+    for site in range(sites):
+        run.ctx.book.record("evals", 0, site, {**EVAL_FIGURES, "train-examples": TRAIN_EXAMPLES})
+    run.strategy = run.pipeline.build()
+    run.pipeline.begin()
+    return run
+
+
+def train_metrics(site: int, num_examples: Any = TRAIN_EXAMPLES) -> dict[str, Any]:
+    """The figures a non-DP site's train reply carries."""
+    return {
+        "site": site,
+        "num-examples": num_examples,
+        "train-loss": 2.0,
+        "epsilon": float("inf"),
+        "delta": 0.0,
+        "noise-multiplier": 0.0,
+    }
+
+
+def train_reply(run: FederatedRun, site: int, arrays: Any = None, **metrics: Any) -> Message:
+    """Site `site`'s train reply carrying `arrays` (by default the global adapter + 0.01)."""
+    if arrays is None:
+        arrays = {n: a + 0.01 for n, a in run.ctx.arrays.items()}
+    content = RecordDict(
+        {ARRAYS: arrays_to_record(arrays), METRICS: MetricRecord(train_metrics(site, **metrics))}
+    )
+    return mock_reply(content, node_id=site + 1)
 
 
 class Recorder(Strategy):

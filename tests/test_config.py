@@ -149,7 +149,8 @@ def test_value_outside_the_choices_lists_them() -> None:
         ConfigError,
         match=(
             r"config key 'strategy\.name' = 'fedsgd' is not one of: "
-            r"fedavg, fedadam, fedyogi, fedadagrad, fedavgm, fedprox\."
+            r"fedavg, fedadam, fedyogi, fedadagrad, fedavgm, fedprox, fedmedian, "
+            r"fedtrimmedavg, krum, multikrum, bulyan\."
         ),
     ):
         parse_config({"strategy.name": "fedsgd"})

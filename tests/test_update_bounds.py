@@ -16,42 +16,15 @@ from fedllm.errors import InvalidUpdateError
 from fedllm.secure.he import payload_digest
 from fedllm.secure.he_site import SiteHE
 from fedllm.strategy.loop import FederatedRun
-from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, arrays_to_record, ciphertexts_to_record
-from tests.coordinator import coordinator_run, he_settings
+from fedllm.wire import ARRAYS, HE, HE_WEIGHT, METRICS, ciphertexts_to_record
+from tests.coordinator import (
+    TRAIN_EXAMPLES,
+    he_settings,
+    seeded_run,
+    train_metrics,
+    train_reply,
+)
 from tests.replies import mock_reply
-
-TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
-EVAL_FIGURES = {"num-examples": 8, "eval-loss": 2.0, "perplexity": 7.4, "eval-tokens": 64}
-
-
-def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
-    overrides = {"run.min-sites": 1, "privacy.mode": "none", **extra}
-    run = coordinator_run(tiny_model_dir, tmp_path, build=False, **overrides)
-    for site in range(3):  # round 0: each site's own count, fixed before round 1
-        run.ctx.book.record("evals", 0, site, {**EVAL_FIGURES, "train-examples": TRAIN_EXAMPLES})
-    run.strategy = run.pipeline.build()
-    run.pipeline.begin()
-    return run
-
-
-def _metrics(site: int, num_examples: Any = TRAIN_EXAMPLES) -> dict[str, Any]:
-    return {
-        "site": site,
-        "num-examples": num_examples,
-        "train-loss": 2.0,
-        "epsilon": float("inf"),
-        "delta": 0.0,
-        "noise-multiplier": 0.0,
-    }
-
-
-def _reply(run: FederatedRun, site: int, arrays: Any = None, **metrics: Any) -> Message:
-    if arrays is None:
-        arrays = {n: a + 0.01 for n, a in run.ctx.arrays.items()}
-    content = RecordDict(
-        {ARRAYS: arrays_to_record(arrays), METRICS: MetricRecord(_metrics(site, **metrics))}
-    )
-    return mock_reply(content, node_id=site + 1)
 
 
 def _rejections(run: FederatedRun, replies: list[Message]) -> list[str]:
@@ -74,9 +47,9 @@ def test_an_update_outside_the_declared_dtype_or_norm_bound_is_rejected(
     tiny_model_dir: Path, tmp_path: Path, make: Any, named: str
 ) -> None:
     # Prepare
-    run = _run(tiny_model_dir, tmp_path)
+    run = seeded_run(tiny_model_dir, tmp_path)
     bad = make({n: a.copy() for n, a in run.ctx.arrays.items()})
-    replies = [_reply(run, 0), _reply(run, 1, arrays=bad), _reply(run, 2)]
+    replies = [train_reply(run, 0), train_reply(run, 1, arrays=bad), train_reply(run, 2)]
     # Execute
     reasons = _rejections(run, replies)
     # Assert
@@ -84,7 +57,7 @@ def test_an_update_outside_the_declared_dtype_or_norm_bound_is_rejected(
 
 
 def test_the_norm_bound_is_recorded_in_the_summary(tiny_model_dir: Path, tmp_path: Path) -> None:
-    run = _run(tiny_model_dir, tmp_path, **{"validate.max-update-norm": 5.0})
+    run = seeded_run(tiny_model_dir, tmp_path, **{"validate.max-update-norm": 5.0})
     assert run.summary()["validation"]["max_update_norm"] == 5.0
 
 
@@ -101,8 +74,12 @@ def test_a_weight_that_is_not_positive_or_exceeds_the_sites_own_count_is_rejecte
     tiny_model_dir: Path, tmp_path: Path, num_examples: int, named: str
 ) -> None:
     # Prepare
-    run = _run(tiny_model_dir, tmp_path)
-    replies = [_reply(run, 0), _reply(run, 1, num_examples=num_examples), _reply(run, 2)]
+    run = seeded_run(tiny_model_dir, tmp_path)
+    replies = [
+        train_reply(run, 0),
+        train_reply(run, 1, num_examples=num_examples),
+        train_reply(run, 2),
+    ]
     # Execute
     reasons = _rejections(run, replies)
     # Assert
@@ -113,9 +90,9 @@ def test_a_site_with_no_count_before_round_1_is_held_to_the_ceiling(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    run = _run(tiny_model_dir, tmp_path, **{"validate.max-examples": 1000})
+    run = seeded_run(tiny_model_dir, tmp_path, **{"validate.max-examples": 1000})
     del run.ctx.book.data["evals"]["0"]["2"]
-    replies = [_reply(run, 0), _reply(run, 1), _reply(run, 2, num_examples=5000)]
+    replies = [train_reply(run, 0), train_reply(run, 1), train_reply(run, 2, num_examples=5000)]
     # Execute
     reasons = _rejections(run, replies)
     # Assert
@@ -123,8 +100,8 @@ def test_a_site_with_no_count_before_round_1_is_held_to_the_ceiling(
 
 
 # -- under HE ----------------------------------------------------------------------------------
-def _he_run(tiny_model_dir: Path, tmp_path: Path, keys: Path) -> FederatedRun:
-    return _run(tiny_model_dir, tmp_path, **he_settings(keys))
+def _heseeded_run(tiny_model_dir: Path, tmp_path: Path, keys: Path) -> FederatedRun:
+    return seeded_run(tiny_model_dir, tmp_path, **he_settings(keys))
 
 
 def _sealed(run: FederatedRun, site: int, num_examples: int, weight: float) -> Message:
@@ -133,7 +110,7 @@ def _sealed(run: FederatedRun, site: int, num_examples: int, weight: float) -> M
     content = RecordDict(
         {
             ARRAYS: ciphertexts_to_record(blobs),
-            METRICS: MetricRecord({**_metrics(site, num_examples), HE_WEIGHT: weight}),
+            METRICS: MetricRecord({**train_metrics(site, num_examples), HE_WEIGHT: weight}),
             HE: ConfigRecord({"key-id": he.key, "sha256": payload_digest(blobs)}),
         }
     )
@@ -145,7 +122,7 @@ def test_under_he_a_site_claiming_more_examples_than_before_round_1_is_rejected(
 ) -> None:
     """Its weight matches its own claim (1000 over the unit of 300), but its share is 100."""
     # Prepare
-    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    run = _heseeded_run(tiny_model_dir, tmp_path, he_keys)
     he = run.pipeline.stage("he-sum")
     he.open_round()
     unit = 3 * TRAIN_EXAMPLES
@@ -169,7 +146,7 @@ def test_under_he_a_weight_other_than_the_sites_public_share_is_rejected(
     its public share (count / the unit fixed before round 1) is left out, by name, and the
     divisor sent to the sites counts only the shares that were added."""
     # Prepare
-    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    run = _heseeded_run(tiny_model_dir, tmp_path, he_keys)
     he = run.pipeline.stage("he-sum")
     he.open_round()
     share = TRAIN_EXAMPLES / (3 * TRAIN_EXAMPLES)
@@ -192,7 +169,7 @@ def test_under_he_a_false_count_reported_later_does_not_move_the_weight_unit(
     the honest sites' public weights (here to 100 / 50 each): the unit is fixed before
     round 1."""
     # Prepare
-    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    run = _heseeded_run(tiny_model_dir, tmp_path, he_keys)
     for site, count in ((0, 100), (1, 100), (2, -150)):
         run.ctx.book.record("evals", 1, site, {"train-examples": count})
     he = run.pipeline.stage("he-sum")
@@ -207,7 +184,7 @@ def test_a_site_refuses_a_decrypted_global_with_values_past_the_norm_bound(
 ) -> None:
     """What a site decrypts is checked before it trains on it."""
     # Prepare
-    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    run = _heseeded_run(tiny_model_dir, tmp_path, he_keys)
     he = SiteHE.load(run.cfg, run.cfg.he.site_context, site=0)
     huge = {n: np.full(a.shape, 50.0, np.float32) for n, a in run.ctx.arrays.items()}
     blobs = he.seal(huge, weight=1.0, num_sites=1)
@@ -227,7 +204,7 @@ def test_a_site_refuses_to_seal_values_the_sum_could_wrap_past_the_first_prime(
     from fedllm.errors import ProtectionUnavailableError
     from fedllm.secure.he import EncryptedSum, encrypt_chunks
 
-    run = _he_run(tiny_model_dir, tmp_path, he_keys)
+    run = _heseeded_run(tiny_model_dir, tmp_path, he_keys)
     he = SiteHE.load(run.cfg, run.cfg.he.site_context, site=0)
     sites = 8
     limit = run.cfg.he.params.max_sum_magnitude / sites  # what one site may send

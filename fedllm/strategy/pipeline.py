@@ -18,6 +18,8 @@ from fedllm.strategy.distributed_dp import DistributedDP
 from fedllm.strategy.flower import build_inner
 from fedllm.strategy.he_sum import HESum
 from fedllm.strategy.manifest import Manifest
+from fedllm.strategy.norm_bound import NormBound
+from fedllm.strategy.robust import RobustRule
 from fedllm.strategy.safety_gate import SafetyGate
 from fedllm.strategy.signatures import Signatures
 from fedllm.strategy.spends import Spends
@@ -30,10 +32,12 @@ STAGES: list[type[Stage]] = [
     Signatures,
     Spends,
     Validate,
+    NormBound,
     DistributedDP,
     HESum,
     UserDP,
     SafetyGate,
+    RobustRule,
     Manifest,
 ]
 
