@@ -68,6 +68,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 SECURE_AGGREGATION = ("none", "he")
+NAME_MAX = 255  # the longest directory name ext4 and XFS take, in bytes
 
 
 @dataclass
@@ -95,10 +96,16 @@ class RunConfig:
         require(self.min_sites >= 1, "run.min-sites", self.min_sites, "must be at least 1")
         require(self.timeout > 0, "run.timeout", self.timeout, "must be positive")
         require(
-            "/" not in self.name and self.name not in (".", ".."),
+            "/" not in self.name and "\x00" not in self.name and self.name not in (".", ".."),
             "run.name",
             self.name,
             "must be a plain directory name",
+        )
+        require(
+            len(self.name.encode("utf-8", "surrogatepass")) <= NAME_MAX,
+            "run.name",
+            self.name,
+            f"must be at most {NAME_MAX} bytes (a directory name's limit)",
         )
 
 
@@ -371,6 +378,13 @@ def known_keys() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
     """Check a value against the field type; ints are accepted where floats are expected."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # Flower's run config carries signed 64-bit integers (sint64): a larger one cannot reach
+        # the sites, and past 4300 digits is not even printable (Python's int-to-text limit)
+        raise ConfigError(
+            f"config key '{key}' = an integer of {value.bit_length()} bits is out of range: "
+            "the run config carries signed 64-bit integers."
+        )
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -416,7 +430,7 @@ def parse_config(flat: Mapping[str, Any]) -> FedllmConfig:
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "; see `fedllm config keys`."
-            raise ConfigError(f"unknown config key '{key}'{hint}")
+            raise ConfigError(f"unknown config key {key!r}{hint}")  # !r: one line, whatever it is
         typ, f = keys[key]
         coerced = _coerce(key, value, typ)
         choices = f.metadata.get("choices")

@@ -6,6 +6,7 @@ __all__ = [
     "BudgetExceededError",
     "ConfigError",
     "DataError",
+    "DiskError",
     "FedllmError",
     "InvalidUpdateError",
     "KeyFileError",
@@ -27,6 +28,11 @@ class ConfigError(FedllmError):
 
 class DataError(FedllmError):
     """Input data is missing, empty or malformed."""
+
+
+class DiskError(FedllmError):
+    """The run's folder cannot be written: not writable, too little free space, or a write
+    that failed (`fedllm.disk`)."""
 
 
 class ModelError(FedllmError):

@@ -30,6 +30,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from fedllm.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
+from fedllm.disk import atomic_dir
 from fedllm.errors import ConfigError, InvalidUpdateError, ModelError
 from fedllm.secure.at_rest import AtRestKey, checkpoint_label, read_file, write_file
 
@@ -414,25 +415,21 @@ def save_peft_adapter(
     """Write an adapter in peft's format (`PeftModel.from_pretrained` loads it).
 
     Written by hand rather than with `PeftModel.save_pretrained` because the server holds
-    only arrays, never the base model. The write is atomic: a crash leaves no half checkpoint.
+    only arrays, never the base model. The write is atomic: a crash or a failed write leaves
+    no half checkpoint (a failed write is a `DiskError` naming the checkpoint).
     With `at_rest` the tensors are sealed (`adapter_model.safetensors.aes`, bound to the
     directory's name); `adapter_config.json` stays plaintext (rank, targets, base model).
     """
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     peft_cfg = _peft_lora_config(lora_cfg)
     peft_cfg.base_model_name_or_path = model_cfg.name
-    peft_cfg.save_pretrained(str(tmp))
     # Our public names are already peft's saved names (`base_model.model....lora_A.weight`).
     tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
     label = checkpoint_label(directory, ADAPTER_FILE)
-    write_file(tmp / ADAPTER_FILE, save_tensors(tensors), at_rest, label=label)
-    (tmp / "fedllm.json").write_text(json.dumps({"model": model_cfg.name}, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_dir(directory) as tmp:
+        peft_cfg.save_pretrained(str(tmp))
+        write_file(tmp / ADAPTER_FILE, save_tensors(tensors), at_rest, label=label)
+        (tmp / "fedllm.json").write_text(json.dumps({"model": model_cfg.name}, indent=2))
 
 
 def load_adapter_arrays(

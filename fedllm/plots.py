@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from fedllm.disk import atomic_file
+
 __all__ = ["plot_run", "png_base64"]
 
 
@@ -80,7 +82,8 @@ def plot_run(summary: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"fedllm run {summary['run_name']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:  # a full disk leaves the last round's plot, not half
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

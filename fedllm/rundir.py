@@ -1,8 +1,10 @@
 """One run = one directory: resolved config, per-round checkpoints, state and summary.
 
-Every file is written atomically (temporary file, fsync, rename), so a crash at any point
-leaves the directory as it was after the last completed round, and a rerun with the same
-name resumes from there.
+Every file is written atomically (temporary file, fsync, rename; a checkpoint is a
+temporary directory renamed into place: `fedllm.disk`), and the last completed round is the
+one `state.json` names, so a crash or a failed write at any point leaves the directory as it
+was after that round, and a rerun with the same name resumes from there. A failed write is
+a `DiskError` naming the file; `left_on_disk` says what the stopped run kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedllm.config import FedllmConfig, config_hash, stable_dict
+from fedllm.disk import atomic_file, writing
 from fedllm.errors import RunDirError
 
 __all__ = ["EMPIRICAL_AUDIT", "LEDGER_FILE", "RunDir", "write_json_atomic"]
@@ -37,12 +40,12 @@ CANARY_CLIENTS_AUDIT = Path(AUDIT_DIR) / "canary-clients.json"  # the coordinato
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
+    """`payload` as JSON at `path`, all or nothing; a failed write is a `DiskError`."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=_json_default)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _json_default(value: Any) -> Any:
@@ -104,8 +107,8 @@ class RunDir:
     def create(cls, cfg: FedllmConfig, state: dict[str, Any]) -> RunDir:
         """Write a new run directory: config first, then the state it starts from."""
         path = cls.path_for(cfg)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CHECKPOINTS).mkdir(exist_ok=True)
+        with writing(path / CHECKPOINTS):
+            (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             path / CONFIG_FILE,
             {
@@ -117,6 +120,19 @@ class RunDir:
         run = cls(path=path, state=state)
         run.save_state()
         return run
+
+    @classmethod
+    def left_on_disk(cls, cfg: FedllmConfig) -> str:
+        """What a stopped run kept, as its `state.json` on disk says (not the round the run
+        was in, whose files may be partly written): for the one line that ends the run."""
+        state_file = cls.path_for(cfg) / STATE_FILE
+        done = 0
+        if state_file.is_file():
+            done = int(json.loads(state_file.read_text(encoding="utf-8"))["rounds_completed"])
+        again = f"rerun with the same run.name ({cfg.run.name!r})"
+        if done:
+            return f"round {done} (the last completed) is intact; {again} to resume"
+        return f"no round has completed; {again} to start it"
 
     @property
     def rounds_completed(self) -> int:
@@ -182,7 +198,9 @@ class RunDir:
         return self.path / CHECKPOINTS / f"round-{server_round}"
 
     def latest_checkpoint(self) -> Path | None:
-        r = self.rounds_completed
+        """The last round's checkpoint that state.json records: the last completed round's,
+        or that of a round trained (and checkpointed) but not yet evaluated."""
+        r = max(self.rounds_completed, int(self.state.get("trained_round", 0)))
         return self.checkpoint_dir(r) if r > 0 else None
 
     def save_state(self) -> None:

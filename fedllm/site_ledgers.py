@@ -87,3 +87,8 @@ class SiteLedgers:
         if self.lifetime is not None:
             self.lifetime.append(record)
         return self.run.append(record)
+
+    def append_once(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`append`, unless the run ledger already holds this very record (a replayed round,
+        `fedllm.site_replay`): one spend, one record in each ledger."""
+        return self.run.holding(record) or self.append(record)

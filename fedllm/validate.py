@@ -42,7 +42,8 @@ def check_update(
         )
     if extra:
         # An extra name could be a base-model weight: only adapter tensors may travel.
-        raise InvalidUpdateError(f"{sender}: update carries unexpected tensor '{extra[0]}'.")
+        # !r: the name is the sender's, and a line break in it would forge a log line
+        raise InvalidUpdateError(f"{sender}: update carries unexpected tensor {extra[0]!r}.")
     squared = 0.0
     for name, shape in expected.items():
         value = arrays[name]

@@ -123,7 +123,26 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return OrderedDict((name, arr.numpy()) for name, arr in record.items())
+    """The record's tensors; one whose bytes are not one numpy array is `InvalidUpdateError`."""
+    return OrderedDict((name, _tensor(name, arr)) for name, arr in record.items())
+
+
+def _tensor(name: str, arr: Array) -> np.ndarray:
+    # The bytes come from the other party, and `np.load` fails on bad ones in many ways
+    # (EOFError on none, BadZipFile, ValueError, MemoryError on a header claiming a huge
+    # shape), or loads an .npz archive of several arrays: each is one refusal naming it
+    # (by its repr: the name is the sender's too).
+    try:
+        value = arr.numpy()
+    except Exception as e:  # any failure of np.load on foreign bytes (see above)
+        # its first sentence only: numpy's next one advises loading pickles, unsafe here
+        why = " ".join(str(e).split(". ")[0].split())[:200]
+        raise InvalidUpdateError(
+            f"tensor {name!r} is not a readable numpy array ({type(e).__name__}: {why})."
+        ) from e
+    if not isinstance(value, np.ndarray):
+        raise InvalidUpdateError(f"tensor {name!r} is an archive of arrays, not one array.")
+    return value
 
 
 def with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:

@@ -1,10 +1,8 @@
-"""fedllm ServerApp: parse the run config, build the run, run it (`fedllm.strategy`).
-
-Every per-round mechanism (signatures, spends, validation, user-level and distributed DP,
-the HE sum, the safety gate) is a stage around the configured Flower strategy; the loop
-(`fedllm.strategy.loop.FederatedRun`) resumes, evaluates round 0, runs the rounds,
-checkpoints and stops.
-"""
+"""fedllm ServerApp: parse the run config, check the disk (`fedllm.disk`), build the run,
+run it. Every per-round mechanism (signatures, spends, validation, user-level and
+distributed DP, the HE sum, the safety gate) is a stage around the configured Flower
+strategy; the loop (`fedllm.strategy.loop.FederatedRun`) resumes, evaluates round 0, runs
+the rounds, checkpoints and stops."""
 
 from __future__ import annotations
 
@@ -16,7 +14,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import parse_config
-from fedllm.errors import FedllmError
+from fedllm.disk import check_output_folder, needed_bytes
+from fedllm.errors import DiskError, FedllmError
 from fedllm.model import adapter_spec
 from fedllm.rundir import RunDir
 from fedllm.secure.instruction import config_digest
@@ -42,14 +41,18 @@ def create_app(overrides: dict[str, Any] | None = None) -> ServerApp:
 
 
 def main(grid: Grid, run_config: dict[str, Any], *, config_sha256: str = "") -> None:
-    """Validate the config, open (or resume) the run directory and run every round; a
-    problem is one line naming it, no traceback, and the run directory is left untouched.
-    `config_sha256` is the digest of the run config the sites were given (signed into every
-    instruction)."""
+    """Validate the config, check the disk, open (or resume) the run directory, run every
+    round; a problem is one line naming it (a failed write also the round kept), no traceback.
+    `config_sha256`: the digest of the run config the sites were given (it is signed)."""
     try:
         cfg = parse_config(run_config)
         spec = adapter_spec(cfg.model, cfg.lora)
-        FederatedRun(grid, cfg, RunDir.find(cfg), spec, config_sha256=config_sha256).execute()
+        run = RunDir.find(cfg)
+        done = run.rounds_completed if run else 0
+        check_output_folder(RunDir.path_for(cfg), needed=needed_bytes(cfg, spec, rounds_done=done))
+        FederatedRun(grid, cfg, run, spec, config_sha256=config_sha256).execute()
+    except DiskError as e:
+        log(ERROR, "fedllm: %s; the run stops; %s", str(e).rstrip("."), RunDir.left_on_disk(cfg))
     except FedllmError as e:
         log(ERROR, "fedllm: %s", e)
 

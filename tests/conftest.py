@@ -27,11 +27,32 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     _ray_root = pathlib.Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"))
     os.environ["RAY_TMPDIR"] = str(_ray_root / os.environ["PYTEST_XDIST_WORKER"])
 
+# Hypothesis keeps its caches (the constants it mines from the code) under pytest's ignored
+# cache folder, not in a `.hypothesis/` beside the checkout; set before its first use.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "hypothesis"),
+)
+
 import pytest
+from hypothesis import settings
 
 from fedllm.config import parse_config
+from fedllm.secure.at_rest import AtRestKey, make_key_file
 from fedllm.secure.he import write_key_files
 from tests.tiny import make_tiny_model_dir
+
+# The fuzz tests (tests/test_fuzz_*.py) run the same examples on every machine and every run:
+# derandomized, no example database (a fresh checkout behaves as this one), no deadline (two
+# shared cores make timings noise), and a failure prints the blob that reproduces it.
+# FEDLLM_HYPOTHESIS=explore draws fresh random examples, more of them, to hunt for new bugs.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, max_examples=60, print_blob=True
+)
+settings.register_profile(
+    "explore", derandomize=False, database=None, deadline=None, max_examples=2000, print_blob=True
+)
+settings.load_profile(os.environ.get("FEDLLM_HYPOTHESIS", "ci"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +77,12 @@ def he_keys(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("he-keys")
     write_key_files(parse_config({}).he.params, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def at_rest_key(tmp_path_factory: pytest.TempPathFactory) -> AtRestKey:
+    """An at-rest key file, made once per module (a fuzz test seals with it many times)."""
+    return make_key_file(tmp_path_factory.mktemp("at-rest") / "at-rest.key")
 
 
 class FlowerLog(logging.Handler):

@@ -18,12 +18,14 @@ def simulate(
     *,
     sites: int = 3,
     client_app: Any = None,
+    server_app: Any = None,
     cpus_per_site: int = 2,
     total_cpus: int = 2,
 ) -> None:
     """One run with `overrides` laid over the run config (both apps see them).
 
-    `client_app` replaces the ClientApp (e.g. one that gives a site another node config).
+    `client_app` replaces the ClientApp (e.g. one that gives a site another node config),
+    `server_app` the ServerApp (e.g. one that warms the sites up before fedllm's main).
     Ray is started by the first run and kept for the next ones in this process (see
     `_keep_ray_between_runs`). By default one Ray actor (one process) serves every site in
     turn: starting an actor costs ~10 CPU-seconds (torch, transformers, Opacus, Flower), more
@@ -37,7 +39,7 @@ def simulate(
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     _keep_ray_between_runs()
     run_simulation(
-        server_app=create_server_app(overrides),
+        server_app=server_app or create_server_app(overrides),
         client_app=client_app or create_client_app(overrides),
         num_supernodes=sites,
         backend_config={

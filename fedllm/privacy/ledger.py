@@ -20,7 +20,6 @@ records, so `verify_chain` and `fedllm audit verify` recompute exactly the same.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedllm.disk import fsync_path, writing
 from fedllm.errors import FedllmError
 from fedllm.secure.at_rest import AtRestError, AtRestKey, open_sealed, seal
 from fedllm.secure.registry import public_key_id, public_pem
@@ -102,6 +102,20 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(record)).hexdigest()
 
 
+def _record(text: str, where: str) -> dict[str, Any]:
+    """One line's JSON object; anything else (bad JSON, nesting past Python's recursion
+    limit, a number or a list) is not a record."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LedgerError(f"{where} is not valid JSON ({e.msg}).") from e
+    except RecursionError as e:
+        raise LedgerError(f"{where} is not a record (JSON nested too deep).") from e
+    if not isinstance(value, dict):
+        raise LedgerError(f"{where} is JSON but not a record (a {type(value).__name__}).")
+    return value
+
+
 def _record_aad(position: int) -> bytes:
     # A sealed record is bound to its place in the ledger, not to the file's path (a copy of
     # the run must still open): records swapped or moved within a ledger fail their integrity
@@ -121,9 +135,13 @@ class Ledger:
     def _lines(self) -> Iterator[tuple[int, str]]:
         if not self.path.is_file():
             return
-        data = self.path.read_text(encoding="utf-8")
-        complete = data if data.endswith("\n") else data[: data.rfind("\n") + 1]
-        for number, line in enumerate(complete.splitlines(), start=1):
+        data = self.path.read_bytes()
+        complete = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+        for number, raw in enumerate(complete.splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LedgerError(f"{self.path}: line {number} is not UTF-8 text.") from e
             if line.strip():
                 yield number, line
 
@@ -135,14 +153,12 @@ class Ledger:
         out = []
         for position, (number, line) in enumerate(self._lines(), start=1):
             where = f"{self.path}: line {number}"
-            try:
-                stored = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LedgerError(f"{where} is not valid JSON ({e.msg}).") from e
-            sealed = isinstance(stored, dict) and SEALED_FIELD in stored
+            stored = _record(line, where)
+            sealed = SEALED_FIELD in stored
             if self.key is None and sealed:
+                key_id = " ".join(str(stored.get("key-id", "?")).split())[:64]  # one line
                 raise AtRestError(
-                    f"{where} is encrypted at rest (key {stored.get('key-id', '?')}); give its "
+                    f"{where} is encrypted at rest (key {key_id}); give its "
                     "key: security.at-rest-key, or --at-rest-key PATH."
                 )
             if self.key is not None and not sealed:
@@ -157,13 +173,14 @@ class Ledger:
         assert self.key is not None
         try:
             blob = base64.b64decode(str(stored[SEALED_FIELD]), validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a character outside ASCII
             raise AtRestError(f"{where} is not valid base64 ({e}): corrupt.") from e
         plain = open_sealed(self.key, blob, aad=_record_aad(position), what=where)
         try:
-            return json.loads(plain)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = plain.decode("utf-8")
+        except UnicodeDecodeError as e:
             raise LedgerError(f"{where} opens but is not a JSON record.") from e
+        return _record(text, where)
 
     def _line(self, record: dict[str, Any]) -> str:
         """How a record is stored: its JSON, or that JSON sealed under the key."""
@@ -185,35 +202,50 @@ class Ledger:
                 os.fsync(f.fileno())
 
     def append(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Chain `entry` to the last record, write it durably, and return the stored record."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Chain `entry` to the last record, write it durably, and return the stored record;
+        a failed write is a `DiskError` naming the ledger (what it wrote of the line is a
+        torn tail, ignored)."""
         existing = self.records()  # first: a ledger this key cannot read is left untouched
-        self._cut_torn_tail()
+        previous = existing[-1].get("sha256") if existing else GENESIS
+        if not isinstance(previous, str):
+            raise LedgerError(
+                f"{self.path}: its last record has no sha256, so no record can chain to it."
+            )
         record = {
             **entry,
             "seq": len(existing) + 1,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "prev_sha256": existing[-1]["sha256"] if existing else GENESIS,
+            "prev_sha256": previous,
         }
         if self.signer is not None:
             record[SITE_SIGNATURE] = self.signer(signed_body(record))
         record["sha256"] = record_hash(record)
         line = self._line(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.path.parent)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._cut_torn_tail()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_path(self.path.parent)  # a new ledger's name must be durable too
         return record
 
+    def holding(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """The last stored record that states `entry` field for field (None: no such record)."""
+        wanted = json.loads(json.dumps(entry, allow_nan=False))  # as a stored record reads
+        for record in reversed(self.records()):
+            if all(record.get(k) == v for k, v in wanted.items()):
+                return record
+        return None
 
-def _fsync_dir(directory: Path) -> None:
-    # The file's directory entry must be durable too, or a crash can lose a new ledger.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def append_once(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """`append`, unless the ledger already holds this very entry; the stored record.
+
+        A round redone because the coordinator died before it became durable states the
+        same spend again (the same site record, the same parameters and cumulative ε): it is
+        one spend, so it is one record. A spend that differs in any field is a new one."""
+        return self.holding(entry) or self.append(entry)
 
 
 def verify_chain(records: list[dict[str, Any]]) -> list[str]:

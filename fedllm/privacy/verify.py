@@ -21,10 +21,15 @@ __all__ = ["cross_check", "plausible", "verify_records"]
 _REL_TOL = 1e-6
 
 
+# What `float()` and `int()` raise on a field of the wrong kind: a string, a list, an int
+# past float's range, an infinite float where a step count belongs.
+_MALFORMED = (KeyError, TypeError, ValueError, OverflowError)
+
+
 def _close(claimed: Any, actual: float) -> bool:
     try:
         return math.isclose(float(claimed), actual, rel_tol=_REL_TOL, abs_tol=1e-9)
-    except (TypeError, ValueError):
+    except _MALFORMED:
         return False
 
 
@@ -33,7 +38,7 @@ def plausible(record: dict[str, Any]) -> bool:
     try:
         sigma, q = float(record["noise_multiplier"]), float(record["sample_rate"])
         steps, delta = int(record["steps"]), float(record["delta"])
-    except (KeyError, TypeError, ValueError):
+    except _MALFORMED:
         return False
     return sigma > 0 and 0 < q <= 1 and steps >= 1 and 0 < delta < 1
 
@@ -68,7 +73,9 @@ def verify_records(records: list[dict[str, Any]]) -> list[str]:
             )
             delta = float(record["delta"])
             claimed = record["epsilon"]
-        except (KeyError, TypeError, ValueError) as e:
+            if not isinstance(claimed, dict):
+                raise TypeError(f"epsilon is a {type(claimed).__name__}, not one per accountant")
+        except _MALFORMED as e:
             problems.append(f"{label}: missing or malformed field ({e}).")
             continue
         if not plausible(record):

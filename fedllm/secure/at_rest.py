@@ -109,6 +109,13 @@ def is_sealed(blob: bytes) -> bool:
     return blob.startswith(MAGIC)
 
 
+def _stored_id(blob: bytes) -> str:
+    """The key id a blob's header names, printable: a damaged header holds any bytes, and
+    a line break among them would split the one-line error that shows it."""
+    text = blob[_ID_AT:_NONCE_AT].decode("ascii", errors="replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def seal(key: AtRestKey, plaintext: bytes, *, aad: bytes) -> bytes:
     """`plaintext` encrypted and authenticated under `key`, bound to `aad` and the header."""
     if len(plaintext) > _MAX_PLAINTEXT:
@@ -142,7 +149,7 @@ def open_sealed(key: AtRestKey, blob: bytes, *, aad: bytes, what: str) -> bytes:
         )
     if len(blob) < _BODY_AT + TAG_BYTES:
         raise AtRestError(f"{what} is truncated: shorter than its at-rest header and tag.")
-    stored = blob[_ID_AT:_NONCE_AT].decode("ascii", errors="replace")
+    stored = _stored_id(blob)
     if stored != key.id:
         raise AtRestError(
             f"{what} was encrypted under at-rest key {stored}, not {key.id} ({key.path}, "
@@ -216,7 +223,7 @@ def read_file(path: Path, key: AtRestKey | None, *, label: str) -> bytes:
     data = found.read_bytes()
     if found != path:
         if key is None:
-            sealed_by = data[_ID_AT:_NONCE_AT].decode("ascii", errors="replace")
+            sealed_by = _stored_id(data)
             raise AtRestError(
                 f"{found} is encrypted at rest (key {sealed_by}); give its key: "
                 "security.at-rest-key, or --at-rest-key PATH."

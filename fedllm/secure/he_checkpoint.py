@@ -9,7 +9,6 @@ key the file is sealed on top (`encrypted_adapter.safetensors.aes`, metadata inc
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from fedllm.disk import atomic_dir
 from fedllm.errors import RunDirError
 from fedllm.secure.at_rest import checkpoint_label, read_file, write_file
 from fedllm.secure.packing import Packing
@@ -50,12 +50,9 @@ class EncryptedAdapter:
 def save_encrypted_adapter(
     directory: Path, adapter: EncryptedAdapter, *, model: str, at_rest: AtRestKey | None = None
 ) -> None:
-    """Write atomically (temporary directory, then rename), like the plaintext checkpoints;
-    sealed under `at_rest` if given."""
+    """Write atomically (temporary directory, then rename), like the plaintext checkpoints
+    (a failed write is a `DiskError` naming the checkpoint); sealed under `at_rest` if given."""
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {
         f"ckks-{i:05d}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(adapter.blobs)
     }
@@ -70,12 +67,9 @@ def save_encrypted_adapter(
         "model": model,
     }
     label = checkpoint_label(directory, ENCRYPTED_ADAPTER)
-    write_file(
-        tmp / ENCRYPTED_ADAPTER, save_tensors(tensors, metadata=metadata), at_rest, label=label
-    )
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    data = save_tensors(tensors, metadata=metadata)
+    with atomic_dir(directory) as tmp:
+        write_file(tmp / ENCRYPTED_ADAPTER, data, at_rest, label=label)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -64,12 +64,26 @@ class Packing:
         return [self.slots] * full + ([rest + 1] if rest else [])
 
     def pack(self, arrays: dict[str, np.ndarray], weight: float) -> list[np.ndarray]:
-        """`weight * arrays`, chunked, each chunk ending in `weight` (float64 for CKKS)."""
+        """`weight * arrays`, chunked, each chunk ending in `weight` (float64 for CKKS).
+
+        Raises
+        ------
+        InvalidUpdateError
+            If a tensor of the layout is missing or has another shape (one of the same size
+            would otherwise be laid into another tensor's slots). Names outside the layout
+            are not packed: only the layout's tensors travel.
+        """
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if name not in arrays:
+                raise InvalidUpdateError(f"tensor '{name}' of the packing layout is missing.")
+            if np.shape(arrays[name]) != shape:
+                raise InvalidUpdateError(
+                    f"tensor '{name}' has shape {np.shape(arrays[name])}, the packing layout "
+                    f"expects {shape}."
+                )
         flat = np.concatenate(
             [np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in self.names]
         )
-        if flat.size != self.num_values:
-            raise ValueError(f"expected {self.num_values} values, got {flat.size}")
         flat *= weight
         chunks = []
         for start in range(0, flat.size, self.per_chunk):
@@ -85,7 +99,8 @@ class Packing:
         Raises
         ------
         InvalidUpdateError
-            If a chunk is missing, has the wrong length, or fails its check slot.
+            If a chunk is missing, has the wrong length, or fails its check slot, or if a
+            value divided by `divisor` is NaN or past float32's range (a divisor of 0).
         """
         sizes = self.chunk_sizes
         if len(chunks) != len(sizes):
@@ -105,11 +120,17 @@ class Packing:
                     "under another key or parameters, or corrupted; it is not used."
                 )
             bodies.append(chunk[:-1])
-        flat = np.concatenate(bodies) / divisor
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            flat = (np.concatenate(bodies) / divisor).astype(np.float32)
+        if not np.all(np.isfinite(flat)):
+            raise InvalidUpdateError(
+                f"{what} divided by its total weight {divisor:.6g} gives NaN or values past "
+                "float32's range; it is not used."
+            )
         out: dict[str, np.ndarray] = OrderedDict()
         offset = 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             size = math.prod(shape)
-            out[name] = flat[offset : offset + size].reshape(shape).astype(np.float32)
+            out[name] = flat[offset : offset + size].reshape(shape)
             offset += size
         return out

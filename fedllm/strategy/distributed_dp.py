@@ -113,7 +113,7 @@ class DistributedDP(Stage):
                 )
             ),
         )
-        self.ctx.ledger().append(entry)
+        self.ctx.ledger().append_once(entry)  # once: see `user_history`
         self.state.setdefault("user_dp", {}).setdefault("rounds", []).append(
             {
                 "round": server_round,

@@ -37,7 +37,14 @@ from fedllm.wire import RUN_NAME, SERVER_ROUND, arrays_to_record, is_encrypted, 
 __all__ = ["FederatedRun"]
 
 # The loop's own keys in state.json; the book and each stage own the others.
-LOOP_KEYS = ("rounds_completed", "status", "stop_reason", "round_seconds", "adapter")
+LOOP_KEYS = (
+    "rounds_completed",
+    "trained_round",
+    "status",
+    "stop_reason",
+    "round_seconds",
+    "adapter",
+)
 
 
 def _dp_label(cfg: FedllmConfig) -> str:
@@ -270,6 +277,25 @@ class FederatedRun:
             _table_text(summary),
         )
 
+    def _train_round(self, server_round: int) -> bool:
+        """Train one round and make it durable before anything leaves the coordinator: its
+        checkpoint, then `trained_round` in state.json. A coordinator killed before that
+        point redoes the round (the sites replay their stored replies and each spend stays
+        one ledger record); killed after it, the resumed run adopts this aggregate. True
+        when the round's discard stops the run after it is evaluated."""
+        stops_after = False
+        try:
+            self._train(server_round)
+        except RoundDiscarded as discarded:
+            self.pipeline.round_discarded(server_round, discarded)
+            if discarded.stop:
+                self._stop(discarded.reason)
+                stops_after = True
+        self._checkpoint(server_round)
+        self.state["trained_round"] = server_round
+        self._save()
+        return stops_after
+
     def _rounds(self) -> None:
         cfg = self.cfg
         start_round = self.rounds_completed + 1
@@ -277,23 +303,23 @@ class FederatedRun:
             log(INFO, "fedllm: run %s already has %d rounds.", cfg.run.name, cfg.run.rounds)
         for server_round in range(start_round, cfg.run.rounds + 1):
             t0 = time.monotonic()
-            log(INFO, "fedllm: [round %d/%d] training", server_round, cfg.run.rounds)
             self.ctx.notes.clear()
-            stops_after = False
-            try:
-                self._train(server_round)
-            except RunStopped as stop:
-                self._stop(stop.reason)
-                return
-            except RoundDiscarded as discarded:
-                self.pipeline.round_discarded(server_round, discarded)
-                if discarded.stop:
-                    self._stop(discarded.reason)
-                    stops_after = True
+            if self.state.get("trained_round") == server_round:
+                # Trained (and checkpointed) before the coordinator stopped: the aggregate
+                # may already have gone out for evaluation, so it is adopted, never redrawn.
+                log(INFO, "fedllm: [round %d] trained before the stop: evaluating", server_round)
+                stops_after = self.state.get("status") == "stopped"
+            else:
+                log(INFO, "fedllm: [round %d/%d] training", server_round, cfg.run.rounds)
+                try:
+                    stops_after = self._train_round(server_round)
+                except RunStopped as stop:
+                    self._stop(stop.reason)
+                    return
             self._evaluate(server_round)
-            self._checkpoint(server_round)
             self.state.setdefault("round_seconds", []).append(round(time.monotonic() - t0, 2))
             self.state["rounds_completed"] = server_round
+            self.state.pop("trained_round", None)  # only ever the round in progress
             summary = self._save()
             assert summary is not None
             loss = summary["eval_loss"][-1]

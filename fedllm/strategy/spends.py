@@ -46,8 +46,10 @@ class Spends(Stage):
             ledger.records(), metrics, run_id=run_id, site=spend["site"], before_round=server_round
         ):
             log(WARNING, "fedllm: site %s: %s", spend["site"], missing["backfilled"])
-            ledger.append(missing)
-        ledger.append(entry)
+            ledger.append_once(missing)
+        # Once: a round redone after the coordinator died mid-round carries the site's same
+        # (replayed) spend, already recorded by the attempt that died.
+        ledger.append_once(entry)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -35,15 +35,22 @@ from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record, record_
 __all__ = ["UserDP", "user_budget", "user_history"]
 
 
-def user_history(ctx: RunContext) -> History:
-    """The run's user-level steps so far, read back from the run ledger (the source of
-    truth: a resumed run continues it without counting a round twice)."""
+def user_history(ctx: RunContext, *, before_round: int | None = None) -> History:
+    """The run's user-level steps so far (before `before_round`, if given), read back from
+    the run ledger (the source of truth: a resumed run continues it without counting a
+    round twice).
+
+    A round being computed leaves its own earlier record out: one is there only if an
+    attempt at this round died before the round became durable (`fedllm.strategy.loop`),
+    whose noisy sum never left the coordinator; the redone round then states that same
+    step again and `Ledger.append_once` keeps one record of it."""
     if ctx.run is None:
         return []
     return [
         (r["noise_multiplier"], r["sample_rate"], r["steps"])
         for r in ctx.ledger().records()
         if r.get("mechanism") == USER_GAUSSIAN
+        and (before_round is None or int(r["round"]) < before_round)
     ]
 
 
@@ -53,7 +60,7 @@ def user_budget(ctx: RunContext, server_round: int, z: float, q: float) -> dict[
     p = ctx.cfg.privacy
     try:
         return check_budget(
-            user_history(ctx),
+            user_history(ctx, before_round=server_round),
             (z, q, 1),
             delta=p.user_delta,
             budget=p.user_epsilon_max or None,
@@ -195,8 +202,9 @@ class UserDP(Stage):
                 delta=self.cfg.privacy.user_delta,
                 epsilons={m: float(report[m]) for m in MECHANISMS},
             )
-            # Durable before the noisy aggregate exists anywhere but in this process.
-            self.ctx.ledger().append(entry)
+            # Durable before the noisy aggregate exists anywhere but in this process; once,
+            # if a redone round states the same step (see `user_history`).
+            self.ctx.ledger().append_once(entry)
         user["clip_norm"] = out.next_clip_norm
         released = {
             "round": server_round,

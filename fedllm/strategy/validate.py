@@ -81,8 +81,12 @@ class Validate(Stage):
         if self.ctx.update_check is not None:
             self.ctx.update_check(reply, sender)
             return
+        try:
+            arrays = record_to_arrays(reply.content[ARRAYS])
+        except InvalidUpdateError as e:  # its bytes are no array: named with the sender
+            raise InvalidUpdateError(f"{sender}: {e}") from e
         check_update(
-            record_to_arrays(reply.content[ARRAYS]),
+            arrays,
             self.ctx.expected,
             sender=sender,
             reference=self.ctx.arrays,
