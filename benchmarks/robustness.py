@@ -387,7 +387,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
                 if "backdoor" in r:
                     label += f", backdoor {100 * r['backdoor']['triggered']:.0f}%"
                 ax.plot(r["eval_loss"], marker=".", label=label)
-            ax.set_title(f"{part} ({result[part]['model'].split(' (')[0]}): {kind}", fontsize=9)
+            ax.set_title(f"{result[part]['model'].split(' (')[0]}: {kind}", fontsize=9)
             ax.set_xlabel("round")
             ax.set_ylabel("held-out loss")
             low, high = ax.get_ylim()
