@@ -21,8 +21,9 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ from fedllm.rundir import write_json_atomic
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE_FILE = "benchmark-provenance.json"  # beside an artefact a benchmark made
 
-__all__ = ["BenchmarkRun", "abba", "add_work_arguments", "machine_facts", "source_state"]
+__all__ = [
+    "BenchmarkRun",
+    "abba",
+    "add_work_arguments",
+    "machine_facts",
+    "rotation",
+    "source_state",
+]
 
 
 def _now() -> str:
@@ -79,10 +87,33 @@ def _memory_gib() -> float | None:
 
 
 def _gpus() -> list[str]:
-    torch = sys.modules.get("torch")  # only asked where the benchmark itself loaded torch
-    if torch is None or not torch.cuda.is_available():
+    """GPU names: torch's where the benchmark loaded torch (never imported here: it is slow),
+    else `nvidia-smi`'s, so a benchmark that runs its work in subprocesses records them too."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
         return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return (
+        [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        if done.returncode == 0
+        else []
+    )
+
+
+def _cuda() -> str | None:
+    """The CUDA version torch was built with, where the benchmark loaded torch."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.version.cuda
 
 
 # Beyond what a run's summary names: what the benchmarks' own mechanisms run on.
@@ -113,7 +144,7 @@ def _versions() -> dict[str, str]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """CPU model, cores (all and usable here), memory, GPUs, OS and package versions."""
+    """CPU model, cores (all and usable here), memory, GPUs and CUDA, OS and package versions."""
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
@@ -122,6 +153,7 @@ def machine_facts() -> dict[str, Any]:
         "cpu_cores_usable": usable,
         "memory_gib": _memory_gib(),
         "gpus": _gpus(),
+        "cuda": _cuda(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": _versions(),
@@ -138,12 +170,30 @@ def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def rotation(sides: Sequence[str], passes: int) -> Iterator[tuple[int, str]]:
+    """`(pass, side)` with the sides in order, then reversed, and so on (A B C C B A A B C
+    ...): `abba` for more than two sides, so load drift weighs on every side alike."""
+    for number in range(passes):
+        for side in sides if number % 2 == 0 else list(reversed(sides)):
+            yield number, side
+
+
 def abba(pairs: int) -> Iterator[tuple[int, str]]:
     """`(pair, "A" | "B")` in the order A B B A A B B A ...: a drift in machine load over
     the run then weighs on both sides alike instead of always on the one measured second."""
     for pair in range(pairs):
         for side in "AB" if pair % 2 == 0 else "BA":
             yield pair, side
+
+
+def fresh_work(given: str | None, prefix: str) -> Path:
+    """The benchmark's working directory: `given` (`--work`), or a new temporary one; a
+    directory already holding files is refused, so no figure silently reuses a run."""
+    work = Path(given or tempfile.mkdtemp(prefix=prefix))
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 class BenchmarkRun:

@@ -18,14 +18,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import BenchmarkRun  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
 
 RUN_NAME = "quickstart"
 
@@ -51,9 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/quickstart_flwr_run.json"))
     args = parser.parse_args()
     run = BenchmarkRun("quickstart_flwr_run")
-    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-quickstart-"))
-    if work.exists() and any(work.iterdir()):  # a fresh FLWR_HOME and run, never a reused one
-        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
+    work = fresh_work(args.work, "fedllm-quickstart-")
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home")}
     fedllm = str(Path(sys.executable).with_name("fedllm"))
     flwr = str(Path(sys.executable).with_name("flwr"))

@@ -26,7 +26,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.attacks import ATTACKS, Attack  # noqa: E402
-from benchmarks.provenance import BenchmarkRun  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
 
 DEFENCES = (
     "none",
@@ -414,10 +413,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     run = BenchmarkRun("robustness")
-    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-robustness-"))
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_work(args.work, "fedllm-robustness-")
 
     t0 = time.monotonic()
     model = pretrain_tiny(work / "tiny-model", hidden=args.hidden, steps=args.pretrain_steps)

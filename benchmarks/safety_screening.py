@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import BenchmarkRun  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
 from benchmarks.quickstart import run_logged  # noqa: E402
 
 RUN_NAME = "screening"
@@ -121,10 +120,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/safety_screening.json"))
     args = parser.parse_args()
     run = BenchmarkRun("safety_screening")
-    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-screening-"))
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_work(args.work, "fedllm-screening-")
     run_dir, command, wall = _federated_run(work)
     run.mark_made(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

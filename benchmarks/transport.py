@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import BenchmarkRun, abba  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, abba, fresh_work  # noqa: E402
 
 
 def _signatures(params: int, repeats: int) -> dict[str, Any]:
@@ -114,10 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/transport.json"))
     args = parser.parse_args()
     run = BenchmarkRun(f"transport ({args.model})")
-    work = Path(args.work or tempfile.mkdtemp(prefix="fedllm-transport-bench-"))
-    if work.exists() and any(work.iterdir()):  # jobs never resume: each one is a figure
-        raise SystemExit(f"{work} is not empty; give a fresh --work directory.")
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_work(args.work, "fedllm-transport-bench-")
 
     model = args.model
     if model == "tiny":

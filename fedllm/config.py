@@ -27,6 +27,7 @@ from fedllm.config_fields import field_help, require
 from fedllm.errors import ConfigError
 from fedllm.privacy.audit.config import AuditConfig
 from fedllm.privacy.config import PrivacyConfig
+from fedllm.quantize import ENCODINGS as UPDATE_ENCODINGS
 from fedllm.safety.config import SafetyConfig
 from fedllm.secure.config import HEConfig, SecurityConfig
 from fedllm.strategy.config import ValidateConfig
@@ -245,6 +246,13 @@ class StrategyConfig:
 
     name: str = field(default="fedavg", metadata=field_help("aggregation strategy", STRATEGIES))
     fraction_train: float = field(default=1.0, metadata=field_help("share of sites asked to train"))
+    streaming: bool = field(
+        default=True,
+        metadata=field_help(
+            "fold each reply into the aggregate as it arrives (FedAvg family, user-level DP); "
+            "false: collect the round's replies first"
+        ),
+    )
     server_learning_rate: float = field(
         default=0.1, metadata=field_help("eta for FedAdam/Yogi/...")
     )
@@ -279,6 +287,17 @@ class StrategyConfig:
             "MultiKrum: updates averaged; 0: the sites sampled minus strategy.tolerated-sites"
         ),
     )
+    update_encoding: str = field(
+        default="fp32",
+        metadata=field_help(
+            "how a site's update travels: fp32 as trained, fp16, or int8 codes with a "
+            "float32 absmax per block (post-processing after every privacy mechanism)",
+            UPDATE_ENCODINGS,
+        ),
+    )
+    quantization_block: int = field(
+        default=64, metadata=field_help("int8: values per block sharing one absmax scale")
+    )
 
     def __post_init__(self) -> None:
         require(self.norm_bound >= 0, "strategy.norm-bound", self.norm_bound, "must be >= 0")
@@ -292,6 +311,12 @@ class StrategyConfig:
             "must be >= 0",
         )
         require(self.krum_select >= 0, "strategy.krum-select", self.krum_select, "must be >= 0")
+        require(
+            self.quantization_block >= 8,
+            "strategy.quantization-block",
+            self.quantization_block,
+            "must be >= 8 (a float32 scale per block of fewer values saves little or nothing)",
+        )
         require(
             0 < self.fraction_train <= 1,
             "strategy.fraction-train",
@@ -320,10 +345,18 @@ class EvalConfig:
 
     max_examples: int = field(default=16, metadata=field_help("held-out examples per site"))
     batch_size: int = field(default=8, metadata=field_help("evaluation batch size"))
+    sites: int = field(
+        default=0,
+        metadata=field_help(
+            "sites that evaluate each round (and round 0): a fixed cohort drawn with run.seed; "
+            "0: every site"
+        ),
+    )
 
     def __post_init__(self) -> None:
         require(self.max_examples >= 1, "eval.max-examples", self.max_examples, ">= 1")
         require(self.batch_size >= 1, "eval.batch-size", self.batch_size, ">= 1")
+        require(self.sites >= 0, "eval.sites", self.sites, ">= 0 (0: every site)")
 
 
 @dataclass
@@ -507,11 +540,23 @@ def _check_he(cfg: FedllmConfig) -> None:
             "coordinator, which under HE holds only ciphertexts; set it to 0 (site-data "
             "screening, 'safety.screen-site-data', still works)"
         )
+    elif cfg.strategy.update_encoding != "fp32":
+        why = (
+            f"'strategy.update-encoding' = {cfg.strategy.update_encoding!r} quantises plaintext "
+            "updates, and under HE a site sends CKKS ciphertexts, which are not quantised (a "
+            "ciphertext is not a tensor of values, and CKKS already encodes reals "
+            "approximately at he.scale-bits); set it to 'fp32'"
+        )
     elif cfg.strategy.norm_bound:
         why = (
             f"'strategy.norm-bound' = {cfg.strategy.norm_bound:g} clips each site's update at "
             "the coordinator, which under HE sees only the encrypted sum; set it to 0 (with "
             "user-level DP each site clips its own update to 'privacy.user-clip')"
+        )
+    elif cfg.eval.sites and not cfg.privacy.user_level:
+        why = (
+            f"'eval.sites' = {cfg.eval.sites}: under HE a site's weight must be public before "
+            "round 1, and its round-0 evaluation is what fixes it; set it to 0 (every site)"
         )
     elif cfg.audit.canary_clients or cfg.audit.at_site:
         why = "audit.* canaries need the final adapter in plaintext at the auditor"
@@ -542,6 +587,10 @@ LATE_KEYS = {
     ("strategy", "trim_beta"): 0.2,
     ("strategy", "tolerated_sites"): 1,
     ("strategy", "krum_select"): 0,
+    ("strategy", "update_encoding"): "fp32",
+    ("strategy", "quantization_block"): 64,
+    ("strategy", "streaming"): True,  # how replies are received, not what is computed
+    ("eval", "sites"): 0,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BenchmarksNotFoundError",
     "BudgetExceededError",
     "ConfigError",
     "DataError",
@@ -65,3 +66,7 @@ class RunDirError(FedllmError):
 
 class TransportError(FedllmError):
     """A SuperLink address does not answer, or its TLS certificate is refused."""
+
+
+class BenchmarksNotFoundError(FedllmError):
+    """`fedllm bench` was run outside a fedllm checkout (benchmarks/ is not installed)."""

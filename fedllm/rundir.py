@@ -58,11 +58,13 @@ _KEY_LOCATIONS = ("registry", "site_signing_key", "at_rest_key")
 
 
 def _resume_key(cfg: FedllmConfig) -> str:
-    """What must match to resume: everything except how many rounds to run in total and
-    where key files live (moving a key must not orphan a run; a different at-rest key is
-    caught by its key id when the checkpoint or ledger is opened)."""
+    """What must match to resume: everything except how many rounds to run in total, the
+    round deadline, whether replies are folded as they arrive, and where key files live
+    (moving a key must not orphan a run; a different at-rest key is caught by its key id
+    when the checkpoint or ledger is opened)."""
     d = stable_dict(cfg, late_sections=("safety", "validate"))
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("rounds", "timeout")}
+    d["strategy"].pop("streaming", None)  # how replies are received, not what is computed
     d["security"] = {k: v for k, v in d["security"].items() if k not in _KEY_LOCATIONS}
     return json.dumps(d, sort_keys=True)
 

@@ -18,8 +18,9 @@ from fedllm.config import FedllmConfig
 from fedllm.data import (
     load_examples,
     load_site_examples,
-    partition_examples,
     site_files,
+    site_share,
+    source_partitioner,
     split_train_eval,
     tokenize_examples,
 )
@@ -138,19 +139,17 @@ def _site_examples(cfg: FedllmConfig, *, site: int, num_sites: int, local: Local
             response_field=cfg.data.response_field,
             category_field=cfg.data.category_field or None,
         )
-    examples = load_examples(
+    partitioner = source_partitioner(  # loaded and split once per process (bounded memo)
         cfg.data.source,
         prompt_field=cfg.data.prompt_field,
         response_field=cfg.data.response_field,
         category_field=cfg.data.category_field or None,
-    )
-    return partition_examples(
-        examples,
         num_sites=num_sites,
         scheme=cfg.data.partitioner,
         seed=cfg.run.seed,
         alpha=cfg.data.dirichlet_alpha,
-    )[site]
+    )
+    return site_share(partitioner, site=site, num_sites=num_sites, scheme=cfg.data.partitioner)
 
 
 def load_site_data(

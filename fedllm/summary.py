@@ -77,6 +77,9 @@ SUMMARY_KEYS = (
     "validation",
     "norm_bound",
     "robust_aggregation",
+    "streaming",
+    "evaluation",
+    "update_encoding",
     "security",
     "safety",
     "adapter",
@@ -92,6 +95,9 @@ SECTION_DEFAULTS: dict[str, Any] = {
     "validation": None,
     "norm_bound": None,
     "robust_aggregation": None,
+    "streaming": False,
+    "evaluation": None,
+    "update_encoding": None,
 }
 
 

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedllm.errors import InvalidUpdateError
 from fedllm.privacy.accounting import MECHANISMS
+from fedllm.quantize import decode_fp16, decode_int8, encode_fp16, encode_int8
 from fedllm.secure.instruction import Instruction, instruction_fields
 from fedllm.secure.registry import RegisteredSite
 from fedllm.secure.sign import (
@@ -32,6 +33,7 @@ __all__ = [
     "ARRAYS",
     "CKKS_STYPE",
     "CONFIG",
+    "ENCODING",
     "HE",
     "METRICS",
     "REFUSAL",
@@ -52,6 +54,9 @@ __all__ = [
     "reply_site",
     "route_fedllm_logs",
     "content_digest",
+    "decode_update",
+    "decoded_reply",
+    "encode_update",
     "instruction_record",
     "sign_instruction",
     "sign_reply",
@@ -69,6 +74,7 @@ METRICS = "metrics"  # site -> coordinator figures (MetricRecord)
 REFUSAL = "refusal"  # a site's refusal: ConfigRecord {"reason": ...}
 SPEND = "spend"  # a train reply's signed ledger record of its spend: ConfigRecord {"record"}
 HE = "he"  # an encrypted reply's key id and payload digest: ConfigRecord
+ENCODING = "encoding"  # an encoded update's declared layout: ConfigRecord (see encode_update)
 
 # -- coordinator -> site config keys ------------------------------------------------------------
 RUN_NAME = "run-name"
@@ -178,6 +184,135 @@ def record_to_ciphertexts(record: ArrayRecord) -> list[bytes]:
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes of the tensors a record carries (what travels on the wire, minus framing)."""
     return int(sum(len(arr.data) for arr in record.values()))
+
+
+# -- encoded updates (strategy.update-encoding) ----------------------------------------------
+# An encoded train reply carries, under ARRAYS, the site's update: its trained adapter minus
+# the global adapter this round's request carried (the coordinator holds that global, so it
+# adds it back). Per tensor name N: fp16, N as float16 of N's shape; int8, N as int8 codes
+# of N's shape and N + SCALES_SUFFIX as the float32 absmax of each block of `block` values
+# (`fedllm.quantize`). The ENCODING record declares it: {"scheme", "base": "global"} and,
+# for int8, "block". The update rather than the adapter is quantised: its error then scales
+# with how far the round moved, not with the adapter's size (LoRA's A, sent without FFA, is
+# a random initialisation far larger than one round's change to it).
+SCALES_SUFFIX = "#absmax"  # '#' occurs in no parameter name: a scale cannot shadow a tensor
+_BASE = "global"
+
+
+def encode_update(
+    content: RecordDict, reference: Mapping[str, np.ndarray], *, scheme: str, block: int
+) -> None:
+    """Replace the plaintext adapter under ARRAYS in `content` by its encoded update against
+    `reference` (the global adapter the site was sent) and declare the layout (ENCODING).
+
+    Raises
+    ------
+    InvalidUpdateError
+        If a tensor is not in `reference`, or holds values the encoding cannot carry.
+    """
+    trained = record_to_arrays(content[ARRAYS])
+    encoded: dict[str, np.ndarray] = OrderedDict()
+    for name, value in trained.items():
+        if name not in reference:
+            raise InvalidUpdateError(f"tensor {name!r} is not in the global adapter received.")
+        delta = np.asarray(value, dtype=np.float32) - np.asarray(reference[name], np.float32)
+        if scheme == "fp16":
+            encoded[name] = encode_fp16(delta, name=name)
+        elif scheme == "int8":
+            encoded[name], encoded[name + SCALES_SUFFIX] = encode_int8(
+                delta, block=block, name=name
+            )
+        else:
+            raise ValueError(f"unknown update encoding {scheme!r}.")
+    fields: dict[str, Any] = {"scheme": scheme, "base": _BASE}
+    if scheme == "int8":
+        fields["block"] = block
+    content[ARRAYS] = arrays_to_record(encoded)
+    content[ENCODING] = ConfigRecord(fields)
+
+
+def decode_update(
+    content: RecordDict,
+    reference: Mapping[str, np.ndarray],
+    *,
+    scheme: str,
+    block: int,
+) -> dict[str, np.ndarray] | None:
+    """The float32 adapter an encoded train reply carries (`reference` + its update), or
+    None for a plain reply in an fp32 run (left as it is). `reference` is the round's global
+    adapter, name -> tensor: every tensor of it, and nothing else, must be in the update.
+
+    Raises
+    ------
+    InvalidUpdateError
+        Naming what is wrong: an encoding other than the run's (`scheme`, `block`), a
+        tensor or scale missing, extra or unreadable, or of the wrong dtype, shape or values.
+    """
+    fields = content.config_records.get(ENCODING)
+    if fields is None:
+        if scheme == "fp32":
+            return None
+        raise InvalidUpdateError(
+            f"sent an fp32 update; this run's strategy.update-encoding is {scheme!r}."
+        )
+    declared = fields.get("scheme")
+    if scheme == "fp32":  # an fp32 run's replies carry no encoding record, "fp32" or other
+        raise InvalidUpdateError(
+            f"sent an update declared encoded {declared!r}; this run's "
+            "strategy.update-encoding is 'fp32' (adapters as trained)."
+        )
+    if declared != scheme:
+        raise InvalidUpdateError(
+            f"sent an update encoded {declared!r}; this run's strategy.update-encoding is "
+            f"{scheme!r}."
+        )
+    if fields.get("base") != _BASE:
+        raise InvalidUpdateError(
+            f"encoded update is relative to {fields.get('base')!r}, not 'global'."
+        )
+    if scheme == "int8" and (type(fields.get("block")) is not int or fields["block"] != block):
+        raise InvalidUpdateError(
+            f"int8 update in blocks of {fields.get('block')!r}; this run's "
+            f"strategy.quantization-block is {block}."
+        )
+    record = content[ARRAYS]
+    if is_encrypted(record):
+        raise InvalidUpdateError("encoded update holds ciphertexts.")
+    wanted = [*reference] + ([n + SCALES_SUFFIX for n in reference] if scheme == "int8" else [])
+    for name in [*wanted, *sorted(set(record) - set(wanted))]:
+        if (name in record) != (name in wanted):
+            what = "lacks" if name in wanted else "carries unexpected"
+            raise InvalidUpdateError(f"{scheme} update {what} array {name!r}.")
+    out: dict[str, np.ndarray] = OrderedDict()
+    for name, ref in reference.items():
+        codes = _tensor(name, record[name])
+        if codes.shape != ref.shape:
+            raise InvalidUpdateError(
+                f"tensor {name!r} has shape {codes.shape}, expected {tuple(ref.shape)}."
+            )
+        try:
+            if scheme == "fp16":
+                if codes.dtype != np.float16:
+                    raise InvalidUpdateError(f"has dtype {codes.dtype}, expected float16.")
+                if not np.all(np.isfinite(codes)):
+                    raise InvalidUpdateError("holds NaN or infinite values.")
+                delta = decode_fp16(codes)
+            else:
+                scales = _tensor(name + SCALES_SUFFIX, record[name + SCALES_SUFFIX])
+                delta = decode_int8(codes, scales, block=block)
+        except InvalidUpdateError as e:
+            raise InvalidUpdateError(f"tensor {name!r}: {e}") from e
+        with np.errstate(over="ignore"):  # an overflow is inf, which validation refuses
+            out[name] = (np.asarray(ref, np.float64) + delta).astype(np.float32)
+    return out
+
+
+def decoded_reply(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
+    """`reply` carrying the decoded adapter `arrays`, without its ENCODING record (every
+    other record and the metadata kept), as the stages further in expect a plain update."""
+    content = RecordDict({k: v for k, v in reply.content.items() if k != ENCODING})
+    content[ARRAYS] = arrays_to_record(arrays)
+    return Message(content=content, metadata=reply.metadata)
 
 
 def reply_site(content: RecordDict) -> int:

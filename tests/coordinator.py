@@ -25,12 +25,25 @@ __all__ = [
     "coordinator_run",
     "he_settings",
     "seeded_run",
+    "signed_settings",
     "train_metrics",
     "train_reply",
 ]
 
 TRAIN_EXAMPLES = 100  # what each site reported when it evaluated the initial adapter
 EVAL_FIGURES = {"num-examples": 8, "eval-loss": 2.0, "perplexity": 7.4, "eval-tokens": 64}
+
+
+def signed_settings(pki: Any) -> dict[str, Any]:
+    """The run-config keys of a run whose updates are signed, with the keys of `pki` (the
+    `pki` fixture: registry, coordinator keys, one signing key per site folder)."""
+    return {
+        "security.sign-updates": True,
+        "security.registry": str(pki.registry),
+        "security.coordinator-key": str(pki.coordinator_key),
+        "security.coordinator-public-key": str(pki.coordinator_pub),
+        "security.site-signing-key": str(pki.root / "sites" / "site-{partition}" / "signing.key"),
+    }
 
 
 def he_settings(keys: Path) -> dict[str, str]:

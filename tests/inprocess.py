@@ -26,7 +26,7 @@ from clients.app import create_app
 from fedllm.secure.instruction import config_digest
 from server.app import main
 
-__all__ = ["InProcessGrid", "run_in_process"]
+__all__ = ["InProcessGrid", "run_in_process", "server_identity"]
 
 RUN_ID = 7
 FIRST_NODE = 100
@@ -48,6 +48,8 @@ class InProcessGrid(Grid):
             )
             for p in range(sites)
         }
+        self.queued: dict[str, Message] = {}
+        self.pulls = 0
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -70,30 +72,42 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("send_and_receive delivers and answers at once")
+        """Queue the messages; each is answered when a pull asks for it."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's InMemoryGrid
+            self.queued[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("send_and_receive delivers and answers at once")
+        """One reply per pull (the first queued message asked for), as a site's reply
+        arrives on its own: a streaming coordinator folds it before the next is made."""
+        wanted = set(message_ids)
+        msg_id = next((m for m in self.queued if m in wanted), None)
+        if msg_id is None:
+            return []
+        self.pulls += 1
+        return [self._answer(self.queued.pop(msg_id))]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's InMemoryGrid
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as e:  # reported as Flower's simulation reports it
-                ex = ClientAppException(str(e))
-                reason = f"{type(ex)}:<'{ex}'>"
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                reply = Message(error, reply_to=msg)
-            replies.append(reply)
-        return replies
+        ids = list(self.push_messages(messages))
+        return [self._answer(self.queued.pop(i)) for i in ids]
+
+    def _answer(self, msg: Message) -> Message:
+        try:
+            return self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as e:  # reported as Flower's simulation reports it
+            ex = ClientAppException(str(e))
+            reason = f"{type(ex)}:<'{ex}'>"
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            return Message(error, reply_to=msg)
 
 
 @contextmanager
-def _task_identity() -> Iterator[None]:
+def server_identity() -> Iterator[None]:
     """The ServerApp's identity, which Flower's `Message` reads (its simulation sets it)."""
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK_NODE_ID
@@ -107,6 +121,6 @@ def run_in_process(overrides: dict[str, Any], *, sites: int = 3, client_app: Any
     """One run with `overrides` laid over the run config (both apps see them), as
     `tests.simulate.simulate` runs it, but in this process; `client_app` replaces the
     ClientApp, as there."""
-    with _task_identity():
+    with server_identity():
         grid = InProcessGrid(client_app or create_app(overrides), sites)
         main(grid, overrides, config_sha256=config_digest({}))

@@ -35,6 +35,7 @@ from fedllm.secure.pki import PkiLayout, init_pki
 from fedllm.secure.registry import RegisteredSite, load_public_key
 from fedllm.secure.sign import Claim
 from fedllm.wire import ARRAYS, record_to_arrays, verify_reply
+from tests.coordinator import signed_settings
 from tests.inprocess import RUN_ID, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,11 +81,7 @@ def attacked_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         "train.local-steps": 1,
         "train.batch-size": 8,
         "eval.max-examples": 4,
-        "security.sign-updates": True,
-        "security.registry": str(pki.registry),
-        "security.coordinator-key": str(pki.coordinator_key),
-        "security.coordinator-public-key": str(pki.coordinator_pub),
-        "security.site-signing-key": str(pki.root / "sites" / "site-{partition}" / "signing.key"),
+        **signed_settings(pki),
     }
     backdoor = write_backdoor_data(
         parse_config(overrides), ATTACKS[3], site=3, num_sites=SITES, path=root / "poison.jsonl"

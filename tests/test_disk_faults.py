@@ -33,7 +33,7 @@ from fedllm.secure.he_site import SiteHE
 from fedllm.secure.pki import PkiLayout, init_pki
 from server.app import main as server_main
 from tests.conftest import FlowerLog
-from tests.coordinator import he_settings
+from tests.coordinator import he_settings, signed_settings
 from tests.inprocess import run_in_process
 
 SITES = 3
@@ -59,11 +59,7 @@ def config(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "train.batch-size": 8,
         "privacy.noise-multiplier": 0.8,
         "eval.max-examples": 8,
-        "security.sign-updates": True,
-        "security.registry": str(pki.registry),
-        "security.coordinator-key": str(pki.coordinator_key),
-        "security.coordinator-public-key": str(pki.coordinator_pub),
-        "security.site-signing-key": str(pki.root / "sites" / "site-{partition}" / "signing.key"),
+        **signed_settings(pki),
     }
 
 

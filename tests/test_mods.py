@@ -26,6 +26,7 @@ from fedllm.errors import KeyFileError, ProtectionUnavailableError
 from fedllm.model import adapter_spec
 from fedllm.mods import (
     DistributedDPMod,
+    EncodeMod,
     HEMod,
     InstructionMod,
     PolicyMod,
@@ -109,7 +110,7 @@ def test_the_mods_are_listed_in_the_documented_order() -> None:
     around_every, around_train = reply_mods({}), train_mods({})
     # Assert
     assert [type(m) for m in around_every] == [SignMod, InstructionMod, PolicyMod, HEMod]
-    assert [type(m) for m in around_train] == [DistributedDPMod]
+    assert [type(m) for m in around_train] == [EncodeMod, DistributedDPMod]
 
 
 def test_the_sign_mod_refuses_a_missing_key_before_the_app_runs(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ def _enabling(stage: type[Stage], he_keys: Path) -> dict[str, Any]:
         "distributed-dp": {**he, "privacy.mode": "user"},
         "user-dp": {"privacy.mode": "user"},
         "safety-gate": {"safety.screen-every": 1},
+        "eval-cohort": {"eval.sites": 2},
     }.get(stage.name, {})
 
 
@@ -74,7 +75,7 @@ def test_a_disabled_stage_passes_replies_through_unchanged(
     is not in the chain, and a valid reply reaches the inner strategy with the same update
     from the same node (the validate stage hands on only the update, its weight and site)."""
     # Prepare
-    ctx = _context(tiny_model_dir, **{"privacy.mode": "none"})
+    ctx = _context(tiny_model_dir, **{"privacy.mode": "none", "strategy.streaming": False})
     pipeline = Pipeline(ctx)
     inner = Recorder()
     outer = pipeline.build(inner)

@@ -5,8 +5,9 @@ Every `FedllmError` becomes one line on stderr and exit code 2, never a tracebac
 One module per verb group, each adding its parsers with `add_parsers(sub)`, in the order
 `fedllm --help` lists them: `runs`, `generate`, `keys`, `he`, `model`, `data`, `site`,
 `audit`, `config`, `federation` (the one CLI module that imports Flower), `deploy` (`pki`,
-`superlink`, `supernode`) and `safety`. A handler imports what is heavy (numpy, torch,
-Flower) itself, so building the parser, and `fedllm --help`, stays fast.
+`superlink`, `supernode`), `safety` and `bench` (the benchmark suite of a checkout). A
+handler imports what is heavy (numpy, torch, Flower) itself, so building the parser, and
+`fedllm --help`, stays fast.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from fedllm.cli import (
     audit,
+    bench,
     config,
     data,
     deploy,
@@ -47,6 +49,7 @@ _VERB_GROUPS = (
     federation,
     deploy,
     safety,
+    bench,
 )
 
 

@@ -14,7 +14,12 @@ Nothing here imports Flower itself; errors a user can fix are :class:`~fedllm.er
 or :class:`~fedllm.errors.ConfigError` with a one-sentence message.
 """
 
-from fedllm.data.partition import PARTITION_SCHEMES, partition_examples
+from fedllm.data.partition import (
+    PARTITION_SCHEMES,
+    partition_examples,
+    site_share,
+    source_partitioner,
+)
 from fedllm.data.sources import (
     COLUMNS,
     DEFAULT_CATEGORY,
@@ -36,6 +41,8 @@ __all__ = [
     "load_site_examples",
     "partition_examples",
     "site_files",
+    "site_share",
+    "source_partitioner",
     "split_train_eval",
     "tokenize_examples",
 ]

@@ -7,7 +7,9 @@ ones the Flower community uses, so the non-IID splits are comparable.
 
 from __future__ import annotations
 
+import functools
 import logging
+import pathlib
 from collections import Counter
 
 import datasets
@@ -18,10 +20,10 @@ from flwr_datasets.partitioner import (
     Partitioner,
 )
 
-from fedllm.data.sources import first_line
+from fedllm.data.sources import first_line, load_examples
 from fedllm.errors import ConfigError, DataError
 
-__all__ = ["PARTITION_SCHEMES", "partition_examples"]
+__all__ = ["PARTITION_SCHEMES", "partition_examples", "site_share", "source_partitioner"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,113 @@ def partition_examples(
         If the data cannot fill every site (too few categories or examples).
     """
     scheme = scheme.strip().lower()
+    partitioner = _partitioner(ds, num_sites=num_sites, scheme=scheme, seed=seed, alpha=alpha)
+    sites = [
+        site_share(partitioner, site=i, num_sites=num_sites, scheme=scheme)
+        for i in range(num_sites)
+    ]
+    log.info(
+        "Partitioned %d examples into %d sites (%s): sizes %s",
+        len(ds),
+        num_sites,
+        scheme,
+        [len(site) for site in sites],
+    )
+    return sites
+
+
+def source_partitioner(
+    source: str,
+    *,
+    prompt_field: str,
+    response_field: str,
+    category_field: str | None,
+    num_sites: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+) -> Partitioner:
+    """The partitioner of `source` across `num_sites`, loaded and split once per process.
+
+    One simulation process serves every virtual site in turn; loading the source and
+    partitioning it again for each site's call made each call O(sites) (~5 s at 1,000
+    sites). A local file's size and modification time are in the key, so an edited file is
+    read again. Bounded: the two most recent (source, split) pairs, e.g. a run's and a test's.
+    """
+    return _cached_partitioner(
+        source.strip(),
+        _file_stamp(source),
+        (prompt_field, response_field, category_field or None),
+        (num_sites, scheme.strip().lower(), seed, alpha),
+    )
+
+
+def site_share(
+    partitioner: Partitioner, *, site: int, num_sites: int, scheme: str
+) -> datasets.Dataset:
+    """Site `site`'s share of a prepared partitioner: O(its own share), not O(sites).
+
+    Raises
+    ------
+    DataError
+        If the share is empty, naming the site (one line).
+    """
+    empty = DataError(
+        f"Site {site} received no examples from the {scheme} partitioner "
+        f"({len(partitioner.dataset)} examples, {num_sites} sites); use fewer sites or more data."
+    )
+    try:
+        share = partitioner.load_partition(site)
+    except IndexError as e:  # `datasets` cannot cut an empty contiguous shard
+        raise empty from e
+    except ValueError as e:
+        raise DataError(
+            f"The {scheme} partitioner could not split {len(partitioner.dataset)} examples into "
+            f"{num_sites} sites ({first_line(e)}); use fewer sites, more data or, for "
+            "dirichlet, a larger data.dirichlet-alpha or the iid partitioner."
+        ) from e
+    if _SITE_COLUMN in share.column_names:
+        share = share.remove_columns(_SITE_COLUMN)
+    if len(share) == 0:
+        raise empty
+    return share
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_partitioner(
+    source: str,
+    stamp: tuple[int, int] | None,
+    fields: tuple[str, str, str | None],
+    split: tuple[int, str, int, float],
+) -> Partitioner:
+    del stamp  # only in the key: an edited file is another entry
+    prompt_field, response_field, category_field = fields
+    num_sites, scheme, seed, alpha = split
+    ds = load_examples(
+        source,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        category_field=category_field,
+    )
+    return _partitioner(ds, num_sites=num_sites, scheme=scheme, seed=seed, alpha=alpha)
+
+
+def _file_stamp(source: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a local file or folder source; None for the embedded corpus or
+    a hub id."""
+    path = pathlib.Path(source.strip()).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _partitioner(
+    ds: datasets.Dataset, *, num_sites: int, scheme: str, seed: int, alpha: float
+) -> Partitioner:
+    """A flwr-datasets partitioner over `ds` (checked), ready to load any site's share."""
+    scheme = scheme.strip().lower()
     if scheme not in PARTITION_SCHEMES:
         raise ConfigError(
             f"data.partitioner = '{scheme}' is not a known partitioner; use one of "
@@ -84,7 +193,6 @@ def partition_examples(
         raise DataError(
             f"{len(ds)} examples cannot fill {num_sites} sites; use fewer sites or more data."
         )
-
     partitioner: Partitioner
     if scheme == "by-category":
         ds, partitioner = _by_category(ds, num_sites=num_sites)
@@ -104,30 +212,7 @@ def partition_examples(
             seed=seed,
         )
     partitioner.dataset = ds
-    try:
-        sites = [partitioner.load_partition(i) for i in range(num_sites)]
-    except ValueError as e:
-        raise DataError(
-            f"The {scheme} partitioner could not split {len(ds)} examples into {num_sites} "
-            f"sites ({first_line(e)}); use fewer sites, more data or a larger "
-            "data.dirichlet-alpha."
-        ) from e
-    if scheme == "by-category":
-        sites = [site.remove_columns(_SITE_COLUMN) for site in sites]
-    for index, site in enumerate(sites):
-        if len(site) == 0:
-            raise DataError(
-                f"Site {index} received no examples from the {scheme} partitioner; use fewer "
-                "sites or more data."
-            )
-    log.info(
-        "Partitioned %d examples into %d sites (%s): sizes %s",
-        len(ds),
-        num_sites,
-        scheme,
-        [len(site) for site in sites],
-    )
-    return sites
+    return partitioner
 
 
 def _by_category(

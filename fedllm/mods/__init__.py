@@ -4,14 +4,17 @@ A mod wraps the ClientApp's handler: `mod(msg, context, call_next)`. Flower appl
 ClientApp's mods (`ClientApp(mods=...)`) outside a function's own (`@app.train(mods=...)`),
 first in the list outermost, so a site's train reply passes, from the handler out:
 
-    handler -> DistributedDPMod -> HEMod -> PolicyMod -> InstructionMod -> SignMod -> the
-    coordinator
+    handler -> DistributedDPMod -> EncodeMod -> HEMod -> PolicyMod -> InstructionMod ->
+    SignMod -> the coordinator
 
 - `InstructionMod` checks the coordinator's signature on the request (its run, round,
   node, phase, content, run config and registry) before anything else reads it;
 - `PolicyMod` checks the request against the site's own policy first (`fedllm.site_policy`)
   and answers one it does not accept with a refusal naming the rule: no data is read;
 - `DistributedDPMod` (train only) clips the plaintext update and adds the noise share;
+- `EncodeMod` (train only) sends the update as float16 or blockwise int8
+  (`strategy.update-encoding`), after every privacy mechanism (post-processing) and before
+  the signature (which covers the encoded bytes); refused with HE in the config;
 - `HEMod` decrypts the global on the way in and encrypts the adapter on the way out;
 - `SignMod` loads the key first of all (a bad key stops the site before it trains) and
   signs last (nothing may change a signed reply).
@@ -31,6 +34,7 @@ from typing import Any
 from flwr.clientapp.typing import Mod
 
 from fedllm.mods.distributed_dp import DistributedDPMod
+from fedllm.mods.encode import EncodeMod
 from fedllm.mods.he import HEMod
 from fedllm.mods.instruction import InstructionMod
 from fedllm.mods.policy import PolicyMod
@@ -38,6 +42,7 @@ from fedllm.mods.sign import SignMod
 
 __all__ = [
     "DistributedDPMod",
+    "EncodeMod",
     "HEMod",
     "InstructionMod",
     "PolicyMod",
@@ -53,5 +58,6 @@ def reply_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
 
 
 def train_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
-    """The mods around the train handler only (`@app.train(mods=...)`), inside `reply_mods`."""
-    return [DistributedDPMod(overrides)]
+    """The mods around the train handler only (`@app.train(mods=...)`), inside `reply_mods`:
+    the update is encoded after the distributed-DP noise share is added."""
+    return [EncodeMod(overrides), DistributedDPMod(overrides)]

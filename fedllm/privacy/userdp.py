@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -248,7 +248,7 @@ def update_clip_norm(
 
 
 def noisy_mean_update(
-    updates: Sequence[Arrays],
+    updates: Iterable[Arrays],
     shapes: Mapping[str, tuple[int, ...]],
     settings: UserDPSettings,
     clip_norm: float,
@@ -259,14 +259,16 @@ def noisy_mean_update(
     """One round of DP-FedAvg over the sampled sites' updates (deltas from the global adapter).
 
     `updates` may be empty (no site sampled, or all dropped): the noise alone is released, as
-    the mechanism's analysis requires. `extra_sum` holds contributions already at or below the
+    the mechanism's analysis requires. It is read once, one update at a time (a streaming
+    round folds each reply as it arrives). `extra_sum` holds contributions already at or below the
     clip norm that join the sum unclipped and uncounted (an auditing run's canary clients).
     """
     total = {n: np.zeros(shape, dtype=np.float64) for n, shape in shapes.items()}
-    unclipped = 0
+    unclipped = contributors = 0
     for update in updates:
         clipped, norm = clip_update(update, clip_norm)  # the norm stays in this loop
         unclipped += int(norm <= clip_norm)
+        contributors += 1
         for n in total:
             total[n] += clipped[n]
     for n, value in (extra_sum or {}).items():
@@ -278,15 +280,15 @@ def noisy_mean_update(
     }
     next_clip, noisy_clipped = clip_norm, None
     if settings.adaptive:
-        fraction = noisy_unclipped_fraction(settings, unclipped, rng, contributors=len(updates))
+        fraction = noisy_unclipped_fraction(settings, unclipped, rng, contributors=contributors)
         next_clip = next_clip_norm(settings, clip_norm, fraction)
         noisy_clipped = settings.expected_sites * (1.0 - fraction)
     return UserDPRound(
         mean_update=mean,
         clip_norm=clip_norm,
         next_clip_norm=next_clip,
-        contributors=len(updates),
-        clipped=len(updates) - unclipped,
+        contributors=contributors,
+        clipped=contributors - unclipped,
         update_noise_std=std / settings.expected_sites,
         noisy_clipped=noisy_clipped,
     )

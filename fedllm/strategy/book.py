@@ -142,8 +142,15 @@ class RunBook:
 
     def own_count(self, site: int) -> int | None:
         """The training examples a site reported when it evaluated the initial adapter
-        (round 0): fixed before any round, so no later reply can change it."""
+        (round 0), fixed before any round, so no later reply can change it; for a site
+        outside the evaluation cohort (`eval.sites`), the weight of its first accepted
+        update, so no later reply can raise it."""
         count = self.round("evals", 0).get(str(site), {}).get("train-examples")
+        if count is None:
+            trained = self.data.get("trains", {})
+            first = min((int(r) for r, done in trained.items() if str(site) in done), default=None)
+            if first is not None:
+                count = trained[str(first)][str(site)].get("num-examples")
         return count if isinstance(count, int) and count > 0 else None
 
     def fixed_train_examples(self) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from logging import INFO
 from pathlib import Path
@@ -206,8 +207,11 @@ class HESum(Stage):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Make the round's encrypted sum the global adapter (the coordinator never reads
-        it); the inner strategy is not asked to average ciphertexts."""
+        it); the inner strategy is not asked to average ciphertexts. Each reply's ciphertexts
+        join the sum as the validate stage checks it, so the replies are only run through
+        here, one at a time (none is kept)."""
         assert self._sum is not None
+        deque(replies, maxlen=0)
         entry = self._entry(server_round)
         z = self.ctx.notes.get("noise_multiplier")
         if z is not None:

@@ -185,8 +185,12 @@ class FederatedRun:
                 server_round, payload, self._config(server_round), self.ctx.grid
             )
         )
-        replies = self.transport.send(messages, "train", server_round)
-        arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        # Streaming: each reply is pulled, checked and folded before the next (the stages
+        # pass replies on one at a time); otherwise the round's replies are collected first.
+        receive = self.transport.stream if self.cfg.strategy.streaming else self.transport.send
+        arrays, _ = self.strategy.aggregate_train(
+            server_round, receive(messages, "train", server_round)
+        )
         if arrays is not None and not is_encrypted(arrays):  # under HE the stage holds it
             self.ctx.arrays = {
                 k: np.asarray(v, dtype=np.float32) for k, v in record_to_arrays(arrays).items()
@@ -210,7 +214,8 @@ class FederatedRun:
         """Round 0 in memory; the run directory appears only if enough sites evaluated."""
         self._evaluate(0)
         ok = len(self.ctx.book.round("evals", 0))
-        if ok < self.cfg.run.min_sites:
+        cohort = self.cfg.eval.sites or self.cfg.run.min_sites  # eval.sites: only they evaluate
+        if ok < min(self.cfg.run.min_sites, cohort):
             book = self.ctx.book.data
             reasons = sorted(
                 {f"{_sender(f)}: {f['reason']}" for f in book.get("failures", [])}
@@ -330,11 +335,21 @@ class FederatedRun:
                 cfg.run.rounds,
                 time.monotonic() - t0,
                 loss if loss is not None else float("nan"),
-                {s: round(e, 3) for s, e in summary["epsilon"].items() if e is not None},
+                _epsilons(summary["epsilon"]),
             )
             if stops_after:
                 return
         self.state["status"] = "completed"
+
+
+def _epsilons(epsilon: dict[str, float | None]) -> str:
+    """Each site's ε for the round's log line; beyond a dozen sites, the largest and how many
+    (a thousand sites' figures would make the line unreadable; summary.json has them all)."""
+    known = {s: round(e, 3) for s, e in epsilon.items() if e is not None}
+    if len(known) <= 12:
+        return str(known)
+    site = max(known, key=lambda s: known[s])
+    return f"max {known[site]} (site {site}) over {len(known)} sites"
 
 
 def _sender(failure: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ assumes (privacy.user-clip) still bounds the sum."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import INFO
 from typing import Any
 
@@ -53,25 +53,29 @@ class NormBound(Stage):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, self._bounded(server_round, replies))
+
+    def _bounded(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
+        """Each update clipped as it passes; the round's count recorded after the last."""
         bound = self.cfg.strategy.norm_bound
-        bounded, clipped = [], 0
+        updates, clipped = 0, 0
         for reply in replies:
             arrays, moved = bound_update(
                 record_to_arrays(reply.content[ARRAYS]), self.ctx.arrays, bound
             )
             clipped += moved
-            bounded.append(with_arrays(reply, arrays))
+            updates += 1
+            yield with_arrays(reply, arrays)
         # Under user-level DP how many sites took part (and so how many were clipped) is
         # not released: only the noisy sum is.
         if not participation_withheld(self.cfg):
             rounds = self.state.setdefault("norm_bound", {}).setdefault("rounds", [])
-            rounds.append({"round": server_round, "updates": len(bounded), "clipped": clipped})
+            rounds.append({"round": server_round, "updates": updates, "clipped": clipped})
             log(
                 INFO,
                 "fedllm: [round %d] norm bound %g: %d of %d updates clipped",
                 server_round,
                 bound,
                 clipped,
-                len(bounded),
+                updates,
             )
-        return self.inner.aggregate_train(server_round, bounded)

@@ -14,7 +14,9 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedllm.strategy.base import RoundDiscarded, RunContext, Stage
+from fedllm.strategy.decode import Decode
 from fedllm.strategy.distributed_dp import DistributedDP
+from fedllm.strategy.eval_cohort import EvalCohort
 from fedllm.strategy.flower import build_inner
 from fedllm.strategy.he_sum import HESum
 from fedllm.strategy.manifest import Manifest
@@ -23,6 +25,7 @@ from fedllm.strategy.robust import RobustRule
 from fedllm.strategy.safety_gate import SafetyGate
 from fedllm.strategy.signatures import Signatures
 from fedllm.strategy.spends import Spends
+from fedllm.strategy.streaming import StreamingMean
 from fedllm.strategy.user_dp import UserDP
 from fedllm.strategy.validate import Validate
 
@@ -31,13 +34,16 @@ __all__ = ["STAGES", "Pipeline", "register_stage", "unregister_stage"]
 STAGES: list[type[Stage]] = [
     Signatures,
     Spends,
+    Decode,
     Validate,
+    EvalCohort,
     NormBound,
     DistributedDP,
     HESum,
     UserDP,
     SafetyGate,
     RobustRule,
+    StreamingMean,
     Manifest,
 ]
 

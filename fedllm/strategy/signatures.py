@@ -7,7 +7,7 @@ at-rest key id) is this stage's."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +100,18 @@ class Signatures(Stage):
         self.ctx.book.seen(node, site)
         return site
 
-    def _accepted(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        out = []
+    def _accepted(
+        self, server_round: int, replies: Iterable[Message], phase: str
+    ) -> Iterator[Message]:
+        """The replies whose signature checks out, one at a time (a streaming round folds
+        each before the next is pulled)."""
         for reply in replies:
             try:
                 self.accept(reply, server_round, phase)
             except _CHECK_ERRORS as e:
                 self.ctx.book.reject(server_round, reply, phase, e)
                 continue
-            out.append(reply)
-        return out
+            yield reply
 
     def _signed(self, server_round: int, messages: Iterable[Message], phase: str) -> list[Message]:
         """Every outgoing message with the coordinator's instruction record, signed last."""

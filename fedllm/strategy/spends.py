@@ -7,7 +7,7 @@ ledger against the sites' keys without the sites' own ledgers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -54,7 +54,10 @@ class Spends(Stage):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = []
+        return self.inner.aggregate_train(server_round, self._kept(server_round, replies))
+
+    def _kept(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
+        """Each reply's spend recorded as it passes; refusals and bad spends left out."""
         for reply in replies:
             try:
                 reason = refusal_reason(reply.content)
@@ -75,5 +78,4 @@ class Spends(Stage):
             except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
                 self.ctx.book.reject(server_round, reply, "train", e)
                 continue
-            kept.append(reply)
-        return self.inner.aggregate_train(server_round, kept)
+            yield reply

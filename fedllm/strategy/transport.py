@@ -3,6 +3,8 @@ the site's own one-line error out of Flower's wrapped error text."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from logging import WARNING
 
 from flwr.app import Message
@@ -13,6 +15,11 @@ from fedllm.strategy.book import RunBook
 from fedllm.wire import ARRAYS, record_bytes
 
 __all__ = ["Transport", "error_reason"]
+
+# How often a streaming round asks for replies: quickly while they arrive, backing off to
+# POLL_MAX while none does (each pull is one request to the SuperLink; Flower's in-memory
+# grid polls every 0.1 s, its deployment grid every 3 s).
+POLL_MIN, POLL_MAX = 0.02, 0.1
 
 
 def error_reason(text: str | None) -> str:
@@ -39,12 +46,7 @@ class Transport:
             return []
         down = sum(record_bytes(m.content[ARRAYS]) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        up = sum(
-            record_bytes(r.content[ARRAYS])
-            for r in replies
-            if not r.has_error() and ARRAYS in r.content.array_records
-        )
-        self.book.add_bytes(server_round, up=up, down=down)
+        self.book.add_bytes(server_round, up=sum(map(_up_bytes, replies)), down=down)
         ok = [r for r in replies if not r.has_error()]
         errors = {
             r.metadata.reply_to_message_id: error_reason(r.error.reason)
@@ -52,6 +54,53 @@ class Transport:
             if r.has_error()
         }
         answered = {r.metadata.src_node_id for r in ok}
+        self._record_missing(messages, answered, errors, phase, server_round)
+        return ok
+
+    def stream(self, messages: list[Message], phase: str, server_round: int) -> Iterator[Message]:
+        """Send, then yield each reply that carries no error as soon as it is pulled, until
+        every site answered or `timeout` passed: the consumer folds one reply before the
+        next is pulled, so the coordinator never holds the round's replies together. Flower's
+        `send_and_receive` returns them only once all are in, hence `push_messages` and
+        `pull_messages` here. Bytes, failures and missing sites are recorded when the stream
+        ends (or is closed)."""
+        if not messages:
+            return
+        down = sum(record_bytes(m.content[ARRAYS]) for m in messages)
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        up, answered, errors = 0, set[int](), dict[str, str]()
+        wait = POLL_MIN
+        try:
+            while pending and time.monotonic() < deadline:
+                got = False
+                for reply in self.grid.pull_messages(pending):
+                    got = True
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    up += _up_bytes(reply)
+                    if reply.has_error():
+                        errors[reply.metadata.reply_to_message_id] = error_reason(
+                            reply.error.reason
+                        )
+                        continue
+                    answered.add(reply.metadata.src_node_id)
+                    yield reply
+                    del reply  # folded: the coordinator keeps nothing of it
+                wait = POLL_MIN if got else min(2 * wait, POLL_MAX)
+                if pending and not got:
+                    time.sleep(min(wait, max(deadline - time.monotonic(), 0.0)))
+        finally:
+            self.book.add_bytes(server_round, up=up, down=down)
+            self._record_missing(messages, answered, errors, phase, server_round)
+
+    def _record_missing(
+        self,
+        messages: list[Message],
+        answered: set[int],
+        errors: dict[str, str],
+        phase: str,
+        server_round: int,
+    ) -> None:
         missing = [m for m in messages if m.metadata.dst_node_id not in answered]
         for m in missing:
             node = m.metadata.dst_node_id
@@ -72,4 +121,10 @@ class Transport:
                 reason,
             )
             self.book.fail(server_round, phase, node, reason)
-        return ok
+
+
+def _up_bytes(reply: Message) -> int:
+    """What a reply's update weighs on the wire (an error reply carries none)."""
+    if reply.has_error() or ARRAYS not in reply.content.array_records:
+        return 0
+    return record_bytes(reply.content[ARRAYS])

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from logging import ERROR, INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -29,8 +29,9 @@ from fedllm.privacy.userdp import (
 )
 from fedllm.rundir import RunDir, write_json_atomic
 from fedllm.strategy.base import RunContext, RunStopped, Stage
+from fedllm.strategy.streaming import one_reply
 from fedllm.summary import participation_withheld, user_level_section
-from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, arrays_to_record, record_to_arrays
+from fedllm.wire import ARRAYS, record_to_arrays
 
 __all__ = ["UserDP", "user_budget", "user_history"]
 
@@ -169,14 +170,13 @@ class UserDP(Stage):
         """Clip each site's delta, noise the sum, record the spend, and hand the strategy one
         reply holding global + noisy mean (FedAdam & co. then treat it as post-processing)."""
         assert self.settings is not None
-        replies = list(replies)
         current = self.ctx.arrays
         user = self.state.setdefault("user_dp", {})
         clip = float(user.get("clip_norm", self.cfg.privacy.user_clip))
-        deltas = [
+        deltas = (  # one at a time: each is clipped and added as its reply arrives
             {n: v - current[n] for n, v in record_to_arrays(r.content[ARRAYS]).items()}
             for r in replies
-        ]
+        )
         canaries: list[int] = []
         extra = None
         if self.canary_clients is not None:
@@ -234,11 +234,7 @@ class UserDP(Stage):
             else "none (non-DP auditing baseline)",
         )
         noisy = {n: current[n] + out.mean_update[n] for n in current}
-        content = RecordDict(
-            {ARRAYS: arrays_to_record(noisy), METRICS: MetricRecord({NUM_EXAMPLES: 1})}
-        )
-        first = self.sampled[0] if self.sampled else 0
-        return Message(content=content, dst_node_id=first, message_type="train")
+        return one_reply(noisy, weight=1, node=self.sampled[0] if self.sampled else 0)
 
     def finish(self) -> None:
         if self.canary_clients is not None and self.ctx.run is not None:

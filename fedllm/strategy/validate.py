@@ -4,7 +4,7 @@ stops the run with the last global adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import ERROR, WARNING
 from typing import Any
 
@@ -55,7 +55,8 @@ class Validate(Stage):
 
     def check_weight(self, site: int, num_examples: int, sender: str) -> None:
         """A FedAvg weight is positive and no more than the site's own count, fixed before
-        round 1 (its evaluation of the initial adapter), nor than validate.max-examples."""
+        round 1 (its evaluation of the initial adapter; outside an `eval.sites` cohort, its
+        first accepted update), nor than validate.max-examples."""
         if num_examples <= 0:
             raise InvalidUpdateError(
                 f"{sender}: metric 'num-examples' = {num_examples} is not positive."
@@ -63,7 +64,8 @@ class Validate(Stage):
         own = self.ctx.book.own_count(site)
         if own is not None and num_examples > own:
             raise InvalidUpdateError(
-                f"{sender}: claims {num_examples} examples but reported {own} before round 1."
+                f"{sender}: claims {num_examples} examples but reported {own} before round 1 "
+                "(outside the evaluation cohort: with its first update)."
             )
         ceiling = self.cfg.validate.max_examples
         if num_examples > ceiling:
@@ -103,8 +105,14 @@ class Validate(Stage):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, self._valid(server_round, replies))
+
+    def _valid(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
+        """The valid updates, one at a time; once the last has passed, and before whatever
+        consumes them can finish (noise, spend or adopt an aggregate), too few of them stop
+        the run: the check is raised from the end of this iterator, inside the consumer."""
         book = self.ctx.book
-        valid = []
+        valid = 0
         for reply in replies:
             try:
                 site = reply_site(reply.content)
@@ -113,13 +121,14 @@ class Validate(Stage):
                 book.reject(server_round, reply, "train", e)
                 continue
             book.record("trains", server_round, site, dict(reply.content[METRICS]))
-            valid.append(_for_aggregation(reply))
+            valid += 1
+            yield _for_aggregation(reply)
         needed = self.cfg.run.min_sites
         if self.ctx.sampled_by_design:  # Poisson sampling may pick fewer sites by design
             needed = min(needed, self.sent.get(server_round, needed))
-        if len(valid) < needed:
+        if valid < needed:
             reason = (
-                f"round {server_round}: only {len(valid)} valid updates "
+                f"round {server_round}: only {valid} valid updates "
                 f"({book.count('refused', server_round)} sites refused for their privacy "
                 f"budget, {book.count('rejected', server_round)} updates rejected, "
                 f"{book.count('failures', server_round)} sites did not answer), fewer than "
@@ -127,7 +136,6 @@ class Validate(Stage):
             )
             log(ERROR, "fedllm: %s", reason)
             raise RunStopped(reason)
-        return self.inner.aggregate_train(server_round, valid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
