@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -184,6 +185,11 @@ def abba(pairs: int) -> Iterator[tuple[int, str]]:
     for pair in range(pairs):
         for side in "AB" if pair % 2 == 0 else "BA":
             yield pair, side
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fresh_work(given: str | None, prefix: str) -> Path:

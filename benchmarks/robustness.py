@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.attacks import ATTACKS, Attack  # noqa: E402
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
 
 DEFENCES = (
@@ -361,11 +362,8 @@ def run_embedded(grid: Grid, attacks: dict[str, Attack], best: dict[str, str]) -
 def plot(result: dict[str, Any], out: Path) -> None:
     """Per attack, held-out loss per round of each defence (grid on top, embedded below);
     the backdoor panel's legend gives each run's backdoor success."""
-    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    # heavy: loaded with matplotlib, only for drawing
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     parts = [p for p in ("grid", "embedded") if p in result]
@@ -396,9 +394,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
                 ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, fresh_work, peak_rss_mib  # noqa: E402
 
 SITES = (10, 100, 1000)
 FRACTION = 0.1
@@ -56,11 +56,6 @@ SETUP = {
 }
 
 
-def _rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def one(sites: int, streaming: bool, work: Path, model: Path) -> dict[str, Any]:
     """One simulated run in this process; its figures and the process's peak memory."""
     # heavy: the apps (torch, transformers, Flower) load only in the child that runs
@@ -73,7 +68,7 @@ def one(sites: int, streaming: bool, work: Path, model: Path) -> dict[str, Any]:
         "run.output-dir": str(work),
         "strategy.streaming": streaming,
     }
-    before = _rss_mib()
+    before = peak_rss_mib()
     t0 = time.monotonic()
     simulate(overrides, sites=sites, cpus_per_site=1, total_cpus=2)
     wall = time.monotonic() - t0
@@ -90,7 +85,7 @@ def one(sites: int, streaming: bool, work: Path, model: Path) -> dict[str, Any]:
         ],
         "upload_bytes_per_round": [b["up"] for b in summary["bytes_per_round"] if b["round"]],
         "eval_loss": summary["eval_loss"],
-        "peak_rss_mib": round(_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_before_run_mib": round(before, 1),
         "wall_seconds": round(wall, 1),
     }
@@ -118,11 +113,7 @@ def _child(sites: int, streaming: bool, work: Path, model: Path) -> dict[str, An
 
 def plot(result: dict[str, Any], out: Path) -> None:
     """Time per round against sites sampled, and peak memory against sites."""
-    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for streaming, style in ((True, "o-"), (False, "s--")):
@@ -142,9 +133,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     right.set_ylim(bottom=0)
     for ax in (left, right):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main() -> None:

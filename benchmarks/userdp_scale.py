@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shlex
 import subprocess
 import sys
@@ -45,7 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import BenchmarkRun, fresh_work  # noqa: E402
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
+from benchmarks.provenance import BenchmarkRun, fresh_work, peak_rss_mib  # noqa: E402
 
 TARGET_EPSILON = 4.0
 DELTA = 1e-6
@@ -113,7 +113,7 @@ def run_side(name: str, flat: dict[str, Any], *, sites: int, work: Path) -> dict
         "eval_loss": summary["eval_loss"],
         "loss_fell": summary["eval_loss"][-1] < summary["eval_loss"][0],
         "seconds": round(seconds, 1),
-        "max_rss_gib_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "max_rss_gib_so_far": round(peak_rss_mib() / 1024, 2),
         "run_dir": str(run_dir),
     }
     if "user_level" in summary:
@@ -124,11 +124,8 @@ def run_side(name: str, flat: dict[str, Any], *, sites: int, work: Path) -> dict
 
 def plot(result: dict[str, Any], out: Path) -> None:
     """Held-out loss per round, DP and non-DP side by side."""
-    # heavy: matplotlib takes ~1.4 s to import; only drawing needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    # heavy: loaded with matplotlib, only for drawing
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -145,9 +142,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel(f"held-out loss ({s['eval_sites']} sites)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def save(run: BenchmarkRun, result: dict[str, Any], out: Path) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "ProtectionUnavailableError",
     "RunDirError",
     "TransportError",
+    "UNREADABLE_REPLY",
 ]
 
 
@@ -70,3 +71,9 @@ class TransportError(FedllmError):
 
 class BenchmarksNotFoundError(FedllmError):
     """`fedllm bench` was run outside a fedllm checkout (benchmarks/ is not installed)."""
+
+
+# What reading a site's reply may raise when it is malformed (a missing record or metric, a
+# value of the wrong type, bytes that are no array) besides the designed InvalidUpdateError:
+# every coordinator stage that reads a reply rejects it, naming the site, on any of these.
+UNREADABLE_REPLY = (InvalidUpdateError, KeyError, ValueError, TypeError)

@@ -94,9 +94,9 @@ def test_the_canary_client_baseline_samples_its_sites_once(tiny_model_dir: Path)
     )
     ctx = RunContext(cfg=cfg, spec=adapter_spec(cfg.model, cfg.lora), book=RunBook(), num_sites=4)
     # Execute
-    inner = Pipeline(ctx).build()
-    while isinstance(inner, Stage):
-        inner = inner.inner
+    outer = Pipeline(ctx).build()
+    assert isinstance(outer, Stage)
+    inner = outer.flower
     # Assert
     assert inner.fraction_train == 1.0
     assert (

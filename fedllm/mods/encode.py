@@ -60,11 +60,12 @@ class EncodeMod(SiteMod):
         encode_update(
             reply.content, global_arrays, scheme=s.update_encoding, block=s.quantization_block
         )
+        sent = record_bytes(reply.content[ARRAYS])
         log.info(
             "site %d: update sent %s, %d bytes (%.0f%% of fp32)",
             site,
             s.update_encoding,
-            record_bytes(reply.content[ARRAYS]),
-            100 * record_bytes(reply.content[ARRAYS]) / max(plain, 1),
+            sent,
+            100 * sent / max(plain, 1),
         )
         return reply

@@ -142,6 +142,14 @@ class Stage(Strategy):
             raise RuntimeError(f"stage {self.name!r} wraps no strategy yet")
         return self.strategy
 
+    @property
+    def flower(self) -> Strategy:
+        """The Flower strategy this chain of stages ends in."""
+        strategy = self.inner
+        while isinstance(strategy, Stage):
+            strategy = strategy.inner
+        return strategy
+
     # -- Flower's hooks: pass-through ---------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

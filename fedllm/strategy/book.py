@@ -24,7 +24,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.common.logger import log
 
-from fedllm.errors import InvalidUpdateError
+from fedllm.errors import UNREADABLE_REPLY
 from fedllm.wire import reply_site
 
 __all__ = ["RunBook"]
@@ -81,7 +81,7 @@ class RunBook:
         )
         try:
             site: int | None = reply_site(reply.content)
-        except (InvalidUpdateError, KeyError, ValueError, TypeError):
+        except UNREADABLE_REPLY:
             site = None
         node = reply.metadata.src_node_id
         self.data.setdefault("rejected", []).append(

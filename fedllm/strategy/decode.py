@@ -14,13 +14,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedllm.errors import InvalidUpdateError
+from fedllm.errors import UNREADABLE_REPLY, InvalidUpdateError
 from fedllm.strategy.base import Stage
 from fedllm.wire import ARRAYS, decode_update, decoded_reply, refusal_reason, reply_site
 
 __all__ = ["Decode"]
-
-_CHECK_ERRORS = (InvalidUpdateError, KeyError, ValueError, TypeError)
 
 
 class Decode(Stage):
@@ -70,7 +68,7 @@ class Decode(Stage):
                 )
             except InvalidUpdateError as e:
                 raise InvalidUpdateError(f"{sender}: {e}") from e
-        except _CHECK_ERRORS as e:
+        except UNREADABLE_REPLY as e:
             self.ctx.book.reject(server_round, reply, "train", e)
             return None
         return reply if arrays is None else decoded_reply(reply, arrays)

@@ -24,8 +24,9 @@ __all__ = ["EvalCohort", "cohort"]
 def cohort(nodes: Sequence[int], kept: Sequence[int], size: int, seed: int) -> list[int]:
     """`size` of `nodes`: the `kept` ones still connected, then the others in the order of
     a permutation seeded with `seed` (pure)."""
-    connected = sorted(set(nodes))
-    chosen = [n for n in kept if n in set(connected)][:size]
+    present = set(nodes)
+    connected = sorted(present)
+    chosen = [n for n in kept if n in present][:size]
     # A permutation of positions, not of the ids: node ids are unsigned 64-bit, beyond
     # what numpy keeps exact in an int64 (or float) array.
     order = np.random.default_rng(seed).permutation(len(connected))

@@ -19,7 +19,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedllm.rundir import RunDir, write_json_atomic
 from fedllm.safety.screen import Rate, Screener, ScreenResult, detectable_rise, gate
@@ -137,20 +136,12 @@ class SafetyGate(Stage):
         round must not leave its update in them. The stages further in (the streaming mean)
         keep nothing between rounds, so the Flower strategy at the end of the chain is what
         is copied."""
-        self._saved = copy.deepcopy(vars(self._flower()))
+        self._saved = copy.deepcopy(vars(self.flower))
 
     def _restore_inner(self) -> None:
         assert self._saved is not None
-        flower = self._flower()
-        vars(flower).clear()
-        vars(flower).update(self._saved)
-
-    def _flower(self) -> Strategy:
-        """The Flower strategy this chain of stages ends in."""
-        strategy = self.inner
-        while isinstance(strategy, Stage):
-            strategy = strategy.inner
-        return strategy
+        vars(self.flower).clear()
+        vars(self.flower).update(self._saved)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

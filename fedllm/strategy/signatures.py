@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedllm.errors import InvalidUpdateError
+from fedllm.errors import UNREADABLE_REPLY, InvalidUpdateError
 from fedllm.secure.instruction import Instruction
 from fedllm.secure.pki import load_signing_key
 from fedllm.secure.registry import RegisteredSite, Registry, load_registry
@@ -23,8 +23,6 @@ from fedllm.strategy.base import RunContext, Stage
 from fedllm.wire import content_digest, reply_site, sign_instruction, verify_reply
 
 __all__ = ["Signatures"]
-
-_CHECK_ERRORS = (InvalidUpdateError, KeyError, ValueError, TypeError)
 
 
 class Signatures(Stage):
@@ -108,7 +106,7 @@ class Signatures(Stage):
         for reply in replies:
             try:
                 self.accept(reply, server_round, phase)
-            except _CHECK_ERRORS as e:
+            except UNREADABLE_REPLY as e:
                 self.ctx.book.reject(server_round, reply, phase, e)
                 continue
             yield reply

@@ -13,7 +13,7 @@ from logging import WARNING
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from fedllm.errors import InvalidUpdateError
+from fedllm.errors import UNREADABLE_REPLY
 from fedllm.privacy.backfill import missing_spends
 from fedllm.privacy.ledger import SITE_RECORD, dp_sgd_entry
 from fedllm.privacy.signed_ledgers import check_same_spend
@@ -75,7 +75,7 @@ class Spends(Stage):
                     self.ctx.book.refuse(server_round, site, reason)
                     continue
                 self.record_spend(server_round, reply)
-            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
+            except UNREADABLE_REPLY as e:
                 self.ctx.book.reject(server_round, reply, "train", e)
                 continue
             yield reply

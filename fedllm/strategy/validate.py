@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedllm.errors import InvalidUpdateError
+from fedllm.errors import UNREADABLE_REPLY, InvalidUpdateError
 from fedllm.strategy.base import RunContext, RunStopped, Stage
 from fedllm.validate import WIRE_DTYPE, check_update
 from fedllm.wire import (
@@ -117,7 +117,7 @@ class Validate(Stage):
             try:
                 site = reply_site(reply.content)
                 self.check(reply, f"site {site} (node {reply.metadata.src_node_id})")
-            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
+            except UNREADABLE_REPLY as e:
                 book.reject(server_round, reply, "train", e)
                 continue
             book.record("trains", server_round, site, dict(reply.content[METRICS]))
@@ -153,7 +153,7 @@ class Validate(Stage):
                 metrics = dict(reply.content[METRICS])
                 sender = f"site {site} (node {reply.metadata.src_node_id})"
                 check_figures(metrics, EVALUATE_FIGURES, sender=sender)
-            except (InvalidUpdateError, KeyError, ValueError, TypeError) as e:
+            except UNREADABLE_REPLY as e:
                 self.ctx.book.reject(server_round, reply, "evaluate", e)
                 continue
             self.ctx.book.record("evals", server_round, site, metrics)
