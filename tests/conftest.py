@@ -100,6 +100,19 @@ class FlowerLog(logging.Handler):
 
 
 @pytest.fixture
+def coordinator_identity() -> Iterator[None]:
+    """The ServerApp's task identity, restored after the test. A reply the coordinator
+    builds (the streaming mean's, user-level DP's, a robust rule's) is a Flower `Message`,
+    which reads it; Flower sets it in a real run, and a test that drives the stages directly
+    sets it here rather than rely on one an earlier test left behind."""
+    # heavy: tests.inprocess imports both apps; only tests that drive the stages need it
+    from tests.inprocess import server_identity
+
+    with server_identity():
+        yield
+
+
+@pytest.fixture
 def flwr_log() -> Iterator[FlowerLog]:
     """What Flower's logger receives (where `flwr run --stream` users read it)."""
     handler = FlowerLog()

@@ -21,6 +21,8 @@ from fedllm.wire import ARRAYS, METRICS, arrays_to_record
 from tests.coordinator import coordinator_run
 from tests.replies import mock_reply
 
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
+
 
 def _run(tiny_model_dir: Path, tmp_path: Path, **extra: Any) -> FederatedRun:
     return coordinator_run(tiny_model_dir, tmp_path, **{"run.min-sites": 1, **extra})

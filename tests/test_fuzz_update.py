@@ -32,6 +32,8 @@ from fedllm.wire import (
 from tests.coordinator import seeded_run, train_metrics, train_reply
 from tests.replies import mock_reply
 
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
+
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
 DTYPES = st.one_of(
     hnp.floating_dtypes(),

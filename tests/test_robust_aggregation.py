@@ -23,6 +23,8 @@ from fedllm.strategy.norm_bound import bound_update
 from fedllm.wire import record_to_arrays
 from tests.coordinator import he_settings, seeded_run, train_reply
 
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
+
 HONEST_STEP = 1e-3  # each honest site moves every coordinate by about this much
 
 

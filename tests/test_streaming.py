@@ -25,7 +25,9 @@ from fedllm.strategy.streaming import RunningMean
 from fedllm.wire import arrays_to_record, record_to_arrays
 from server.app import main
 from tests.coordinator import seeded_run, train_reply
-from tests.inprocess import InProcessGrid, server_identity
+from tests.inprocess import InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
 
 SITES = 12
 
@@ -49,10 +51,9 @@ def _replies(run: Any, n: int, alive: weakref.WeakSet, peak: list[int]) -> Itera
 def _aggregate(run: Any, replies: Any) -> dict[str, np.ndarray]:
     """Round 1 configured (the server optimisers keep the global adapter then) and
     aggregated from `replies`."""
-    with server_identity():  # the fold's one reply is a Message made at the coordinator
-        grid = InProcessGrid(None, SITES)
-        run.strategy.configure_train(1, arrays_to_record(run.ctx.arrays), ConfigRecord(), grid)
-        arrays, _ = run.strategy.aggregate_train(1, replies)
+    grid = InProcessGrid(None, SITES)
+    run.strategy.configure_train(1, arrays_to_record(run.ctx.arrays), ConfigRecord(), grid)
+    arrays, _ = run.strategy.aggregate_train(1, replies)
     return record_to_arrays(arrays)
 
 
@@ -170,8 +171,7 @@ def test_two_dozen_sites_stream_with_sampling_and_a_fixed_evaluation_cohort(
     }
     grid = InProcessGrid(create_app(overrides), sites)
     # Execute
-    with server_identity():
-        main(grid, overrides, config_sha256=config_digest({}))
+    main(grid, overrides, config_sha256=config_digest({}))
     # Assert
     summary = json.loads((tmp_path / "many" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["streaming"] is True

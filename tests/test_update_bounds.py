@@ -26,6 +26,8 @@ from tests.coordinator import (
 )
 from tests.replies import mock_reply
 
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
+
 
 def _rejections(run: FederatedRun, replies: list[Message]) -> list[str]:
     assert run.strategy is not None

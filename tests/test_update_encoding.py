@@ -26,8 +26,10 @@ from fedllm.secure.sign import content_digest
 from fedllm.site_replay import REPLY_FILE, ReplyStore, StoredReply
 from fedllm.strategy.pipeline import STAGES
 from tests.coordinator import seeded_run, signed_settings, train_metrics
-from tests.inprocess import run_in_process, server_identity
+from tests.inprocess import run_in_process
 from tests.replies import mock_reply
+
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
 
 # The quickstart's update: FFA-LoRA (r = 8 on q_proj and v_proj) sends B only, for each of
 # SmolLM2-135M's 30 layers: q_proj B (576, 8), v_proj B (192, 8) (3 KV heads x 64).
@@ -266,8 +268,7 @@ def _encoded_reply(run: Any, site: int, scheme: str, **record: Any) -> Message:
 
 def _aggregate(run: Any, replies: Any) -> Any:
     """Round 1's aggregate of `replies` (a stream), as the ServerApp runs it."""
-    with server_identity():  # the streaming stage builds a Message, which reads it
-        return run.strategy.aggregate_train(1, replies)
+    return run.strategy.aggregate_train(1, replies)
 
 
 @pytest.mark.parametrize("scheme", ["fp16", "int8"])

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import parse_config
 from fedllm.errors import ConfigError
@@ -33,6 +32,8 @@ from fedllm.strategy.user_dp import UserDP
 from fedllm.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, arrays_to_record, record_to_arrays
 from tests.coordinator import Recorder
 from tests.replies import mock_reply
+
+pytestmark = pytest.mark.usefixtures("coordinator_identity")  # the stages build Messages
 
 SHAPES = {"a": (4, 3), "b": (5,)}
 
@@ -257,15 +258,13 @@ def _user_dp_round(
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_the_ledger_multiplier_is_the_one_the_noise_added_and_its_sensitivity_give(
-    clipping: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clipping: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """z in the ledger is (z_Δ⁻² + z_b⁻²)^-½, each multiplier the std of the noise actually
     added over the sensitivity of what it was added to, measured on neighbouring sets of sites
     (one site added, its update clipped or not). With adaptive clipping at z = 1, σ_b = 0.6 a
     raw count (sensitivity 1) would make the truth 0.57; centred bits make it 1."""
     # Prepare
-    for name in ("_run_id", "_node_id", "_task_id"):  # the stage builds a Message, as in a run
-        monkeypatch.setattr(TaskIdentity, name, 1)
     base = [0.3, 0.5, 2.0, 4.0]  # two updates under S = 1, two clipped
     # Execute
     record, sums, count, rng, _ = _user_dp_round(tiny_model_dir, tmp_path / "d", clipping, base)
@@ -296,7 +295,7 @@ def test_the_ledger_multiplier_is_the_one_the_noise_added_and_its_sensitivity_gi
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_a_round_records_no_site_norm_exact_count_or_which_sites_took_part(
-    clipping: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clipping: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The stage's record of a round and its ledger record hold the released figures: no
     update norm, no exact clipped count, no sampled sites or number of contributors. With
@@ -304,8 +303,6 @@ def test_a_round_records_no_site_norm_exact_count_or_which_sites_took_part(
     noise 0: q·N/2 − Σ(b − ½) = 10/2 − (2 − 4/2) = 5, not the exact 2); fixed clipping
     records none."""
     # Prepare
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
     norms = [0.31415, 0.27182, 2.71828, 4.66920]  # two under S = 1, two clipped
     # Execute
     record, _, count, _, recorded = _user_dp_round(tiny_model_dir, tmp_path, clipping, norms)
